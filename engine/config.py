@@ -1,0 +1,198 @@
+"""Dataclass configs and named presets.
+
+One `EngineConfig` holds everything a run needs; it is written to `config.json` in the run
+directory and read back by `--resume` and `engine.generate`. CLIs expose the same fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class VocabConfig:
+    """Layout of the mixed vocabulary: [specials | sentinels | BPE | image codes].
+
+    The paper's 64,512 = 56,320 text ids (specials and sentinels inside) + 8,192 codes.
+    """
+    text_size: int = 56_320          # specials + sentinels + BPE tokens
+    image_codes: int = 8_192
+    num_sentinels: int = 16          # <mask:0> .. <mask:15>; CM3 draws at most 16 spans
+
+    @property
+    def size(self) -> int:
+        return self.text_size + self.image_codes
+
+
+@dataclass
+class ImageConfig:
+    """The VQ-VAE image tokenizer: image_size / downsample squared tokens per image."""
+    image_size: int = 256
+    downsample: int = 16
+    channels: int = 128              # width of the conv stacks
+    code_dim: int = 64               # dimension of a codebook vector
+    train_steps: int = 2_000
+    batch_size: int = 64
+    lr: float = 2e-3
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class ModelConfig:
+    """An OPT-like decoder: pre-LayerNorm, GELU MLP, no biases, no dropout."""
+    n_layers: int = 32
+    d_model: int = 4096
+    n_heads: int = 32
+    n_kv_heads: int | None = None    # None = multi-head; fewer = grouped-query attention
+    mlp_ratio: float = 4.0
+    max_seq_len: int = 4_096
+    norm_affine: bool = False        # the paper's LayerNorm has no learnable parameters
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1_000
+    batch_size: int = 16             # packed rows of max_seq_len tokens
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 1_500
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    cfg_dropout: float = 0.1         # caption replaced by <mask> in training
+    max_spans: int = 16              # CM3: n ~ clamp(Poisson(1), 1, max_spans)
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    autocast_bf16: bool = True       # used only where the CPU/GPU supports bf16 well
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"
+    train_size: int = 40_000         # documents drawn for the training split
+    eval_size: int = 512
+    bpe_corpus_size: int = 5_000     # captions used to train the BPE
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for the sample grid written during training and for engine.generate."""
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0                   # 0 = off
+
+
+@dataclass
+class EngineConfig:
+    preset: str = "tiny"
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in d.items():
+            if name not in parts:
+                raise ValueError(f"unknown config section {name!r}")
+            sub = _SECTIONS.get(name)
+            if sub is None:
+                kwargs[name] = value
+                continue
+            known = {f.name for f in dataclasses.fields(sub)}
+            unknown = set(value) - known
+            if unknown:
+                raise ValueError(f"unknown fields in config.{name}: {sorted(unknown)}")
+            if "betas" in value:
+                value = {**value, "betas": tuple(value["betas"])}
+            kwargs[name] = sub(**value)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EngineConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_SECTIONS = {"vocab": VocabConfig, "image": ImageConfig, "model": ModelConfig,
+             "train": TrainConfig, "data": DataConfig, "sample": SampleConfig}
+
+
+def _tiny() -> EngineConfig:
+    # CPU-sized: 32x32 images as 8x8 = 64 codes from a 512-entry codebook, ~3.4M parameters.
+    return EngineConfig(
+        preset="tiny",
+        vocab=VocabConfig(text_size=1_024, image_codes=512),
+        image=ImageConfig(image_size=32, downsample=4, channels=64, code_dim=32,
+                          train_steps=1_500, batch_size=64, lr=2e-3),
+        model=ModelConfig(n_layers=4, d_model=256, n_heads=4, max_seq_len=256),
+        train=TrainConfig(steps=2_400, batch_size=16, lr=2e-3, warmup_steps=100,
+                          checkpoint_every=400, weight_decay=0.05),
+        data=DataConfig(train_size=60_000),
+    )
+
+
+def _small() -> EngineConfig:
+    cfg = _tiny()
+    cfg.preset = "small"
+    cfg.vocab = VocabConfig(text_size=4_096, image_codes=1_024)
+    cfg.image = ImageConfig(image_size=64, downsample=8, channels=96, code_dim=32,
+                            train_steps=3_000)
+    cfg.model = ModelConfig(n_layers=8, d_model=512, n_heads=8, max_seq_len=512)
+    cfg.train = TrainConfig(steps=5_000, batch_size=16, lr=1e-3, warmup_steps=300)
+    return cfg
+
+
+def _paper(name: str, n_layers: int, d_model: int, n_heads: int) -> EngineConfig:
+    return EngineConfig(
+        preset=name,
+        vocab=VocabConfig(),
+        image=ImageConfig(image_size=256, downsample=16),
+        model=ModelConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, max_seq_len=4_096),
+        train=TrainConfig(lr=1e-4, warmup_steps=1_500, batch_size=8),
+    )
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "small": _small,
+    "cm3leon-350m": lambda: _paper("cm3leon-350m", 24, 1024, 16),
+    "cm3leon-760m": lambda: _paper("cm3leon-760m", 24, 1536, 24),
+    "cm3leon-7b": lambda: _paper("cm3leon-7b", 32, 4096, 32),
+}
+
+
+def get_preset(name: str) -> EngineConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,74 @@
+"""Scaled dot-product attention with causal and packed-document masking.
+
+Layout: q [B, Hq, Sq, d], k and v [B, Hkv, Sk, d] (Hq a multiple of Hkv: grouped-query).
+Causal masking aligns the query block with the end of the keys (Sq < Sk is a decode or a
+chunked prefill against a cache).
+
+Packed documents: `cu_seqlens` (int32 [n_docs + 1], starts at 0, ends at B * S) marks
+document boundaries over the flattened B * S token stream of q (Sq == Sk required); each
+token attends only to tokens of its own document. Every row boundary (multiples of S) must
+be a document boundary, so documents never cross rows. This is flash-attention's varlen
+convention applied to our [B, H, S, d] rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.ops.dispatch import Op
+
+
+def _check(q, k, v, causal, cu_seqlens):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention expects q, k, v of shape [B, H, S, d]")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"mismatched shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs Sq <= Sk (got {q.shape[2]} > {k.shape[2]})")
+    if cu_seqlens is not None and q.shape[2] != k.shape[2]:
+        raise ValueError("cu_seqlens (packed documents) needs Sq == Sk")
+
+
+def document_ids(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """[B, S] document index of every token, from flattened document boundaries."""
+    total = batch * seq
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at B*S={total}")
+    positions = torch.arange(total, device=cu_seqlens.device)
+    ids = torch.searchsorted(cu_seqlens[1:-1].to(torch.int64), positions, right=True)
+    ids = ids.view(batch, seq)
+    if batch > 1 and bool((ids[1:, 0] == ids[:-1, -1]).any()):
+        raise ValueError("a document crosses a row boundary; every multiple of S must be in cu_seqlens")
+    return ids
+
+
+def build_mask(q, k, causal: bool, cu_seqlens) -> torch.Tensor | None:
+    """Boolean [B or 1, 1, Sq, Sk] mask (True = attend), or None when nothing is masked."""
+    sq, sk = q.shape[2], k.shape[2]
+    mask = None
+    if causal:
+        qi = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+        kj = torch.arange(sk, device=q.device)[None, :]
+        mask = (kj <= qi)[None, None]
+    if cu_seqlens is not None:
+        ids = document_ids(cu_seqlens, q.shape[0], sq)
+        same = (ids[:, :, None] == ids[:, None, :])[:, None]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def reference(q, k, v, causal: bool = True, scale: float | None = None,
+              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA with an explicit boolean mask: the oracle and the fallback."""
+    _check(q, k, v, causal, cu_seqlens)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    mask = build_mask(q, k, causal, cu_seqlens)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+attention = Op("attention", reference)

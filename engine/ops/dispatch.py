@@ -1,0 +1,98 @@
+"""Backend dispatch shared by every op (the op contract in DESIGN.md).
+
+Each op owns a plain-PyTorch `reference` and registers faster backends with the same
+signature. Selection, per call:
+  1. an explicit `backend=` argument,
+  2. else the `ENGINE_BACKEND` environment variable: either one name for every op
+     (`ENGINE_BACKEND=triton`) or per-op pairs (`ENGINE_BACKEND=attention=triton,cfg_sample=cpp`),
+  3. else `auto`: the first backend in priority order whose `supports(...)` accepts the call.
+A forced backend that is missing or refuses the inputs is an error naming why; `auto` falls
+back silently only past backends that say they do not support the inputs, and logs its pick.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger("engine.ops")
+
+PRIORITY = ("cuda", "triton", "cpp", "reference")
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot run the call (missing build, unsupported device/dtype/shape)."""
+
+
+@dataclass
+class Backend:
+    name: str
+    fn: Callable[..., Any]
+    # supports(*args, **kwargs) -> None when it can run the call, else a reason string.
+    supports: Callable[..., str | None]
+
+
+def _always(*_args, **_kwargs) -> str | None:
+    return None
+
+
+class Op:
+    def __init__(self, name: str, reference: Callable[..., Any]):
+        self.name = name
+        self.backends: dict[str, Backend] = {"reference": Backend("reference", reference, _always)}
+        self._unavailable: dict[str, str] = {}
+        self._last_auto: str | None = None
+
+    def register(self, name: str, fn: Callable[..., Any],
+                 supports: Callable[..., str | None] = _always) -> None:
+        if name not in PRIORITY:
+            raise ValueError(f"unknown backend kind {name!r}; expected one of {PRIORITY}")
+        self.backends[name] = Backend(name, fn, supports)
+        self._unavailable.pop(name, None)
+
+    def mark_unavailable(self, name: str, reason: str) -> None:
+        """Record why a backend could not be loaded, so forcing it says why."""
+        if name not in self.backends:
+            self._unavailable[name] = reason
+
+    def forced_backend(self) -> str | None:
+        env = os.environ.get("ENGINE_BACKEND", "").strip()
+        if not env or env == "auto":
+            return None
+        if "=" not in env:
+            return env
+        for pair in env.split(","):
+            op, _, backend = pair.partition("=")
+            if op.strip() == self.name:
+                return backend.strip() or None
+        return None
+
+    def select(self, *args, backend: str | None = None, **kwargs) -> Backend:
+        choice = backend or self.forced_backend()
+        if choice and choice != "auto":
+            if choice not in self.backends:
+                why = self._unavailable.get(choice, "no such backend is registered")
+                raise BackendError(f"{self.name}: backend {choice!r} is not available ({why}); "
+                                   f"available: {sorted(self.backends)}")
+            b = self.backends[choice]
+            reason = b.supports(*args, **kwargs)
+            if reason is not None:
+                raise BackendError(f"{self.name}: backend {choice!r} cannot run this call: {reason}")
+            return b
+        for name in PRIORITY:
+            b = self.backends.get(name)
+            if b is None:
+                continue
+            if b.supports(*args, **kwargs) is None:
+                if name != self._last_auto:
+                    log.debug("%s: auto picked %s", self.name, name)
+                    self._last_auto = name
+                return b
+        raise AssertionError("the reference backend supports every call")
+
+    def __call__(self, *args, backend: str | None = None, **kwargs):
+        return self.select(*args, backend=backend, **kwargs).fn(*args, **kwargs)
+
+    def available(self) -> list[str]:
+        return [n for n in PRIORITY if n in self.backends]
