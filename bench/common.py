@@ -1,0 +1,92 @@
+"""Timing and memory helpers shared by the benchmark modules.
+
+Each module under bench/ exposes `run(quick: bool) -> list[Row]`; bench/run.py collects the
+rows into one table. A Row's `ratio` is the reference's time divided by this row's time,
+measured in the same run (> 1 means faster than the reference).
+"""
+from __future__ import annotations
+
+import gc
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Row:
+    bench: str            # module name, e.g. "sampling"
+    case: str             # shape / setting, e.g. "B=64 V=64512"
+    impl: str             # "reference", "cpp", "triton", "cuda", or a peer's name
+    time_ms: float
+    ratio: float | None = None            # reference time / this time, same run
+    peak_mem_mb: float | None = None
+    extra: dict = field(default_factory=dict)   # TFLOP/s, GB/s, % of peak, ...
+    device: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 2,
+            reps: int = 10, min_time_s: float = 0.2) -> float:
+    """Median milliseconds per call. On CUDA it uses triton.testing.do_bench (cold L2)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start) < min_time_s and len(times) < 1000:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _proc_status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Peak memory of one call above what was in use before it (MiB).
+
+    CUDA: the caching allocator's peak. CPU: torch has no CPU peak counter, so this resets
+    the kernel's resident-set high-water mark (/proc/self/clear_refs) and reads VmHWM after
+    the call; bench/run.py pins glibc's mmap threshold so freed buffers leave the RSS.
+    """
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _proc_status_mb("VmRSS:")
+    fn()
+    return max(_proc_status_mb("VmHWM:") - base, 0.0)
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
