@@ -6,6 +6,8 @@ signature. Selection, per call:
   2. else the `ENGINE_BACKEND` environment variable: either one name for every op
      (`ENGINE_BACKEND=triton`) or per-op pairs (`ENGINE_BACKEND=attention=triton,cfg_sample=cpp`),
   3. else `auto`: the first backend in priority order whose `supports(...)` accepts the call.
+     Under TRITON_INTERPRET=1 auto never picks `triton`: the interpreter is a test vehicle for
+     CPU machines, not a fast path; force it (argument or env) to run a kernel there.
 A forced backend that is missing or refuses the inputs is an error naming why; `auto` falls
 back silently only past backends that say they do not support the inputs, and logs its pick.
 """
@@ -80,9 +82,10 @@ class Op:
             if reason is not None:
                 raise BackendError(f"{self.name}: backend {choice!r} cannot run this call: {reason}")
             return b
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         for name in PRIORITY:
             b = self.backends.get(name)
-            if b is None:
+            if b is None or (name == "triton" and interpreted):
                 continue
             if b.supports(*args, **kwargs) is None:
                 if name != self._last_auto:
