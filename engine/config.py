@@ -92,6 +92,7 @@ class DataConfig:
     train_size: int = 40_000         # documents drawn for the training split
     eval_size: int = 512
     bpe_corpus_size: int = 5_000     # captions used to train the BPE
+    image_first_prob: float = 0.2    # image-then-caption documents (captioning direction)
 
 
 @dataclass

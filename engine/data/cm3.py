@@ -1,0 +1,110 @@
+"""The CM3 causal-masking transform and CFG condition dropout.
+
+CM3 (DESIGN.md): draw n ~ clamp(Poisson(1), 1, max_spans) non-overlapping spans, never
+across <break>; replace span i by the sentinel <mask:i> in place and append "<mask:i> span"
+after the body, so the model learns infilling while still training left to right:
+
+    body:         A B C <break> D E F G
+    transformed:  A <mask:0> <break> D E <mask:1> G <mask:0> B C <mask:1> F
+
+The sentinels themselves get no loss (engine.data.packing ignores every target that is a
+sentinel). Our choices where the paper is silent: a span's segment is drawn uniformly among
+the segments that hold maskable (BPE or image) tokens, its length uniformly in [1, segment
+length], its start uniformly; a draw that would overlap an earlier span is retried, and
+given up after a few tries (so n is an upper bound on tight documents).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.tokenizer.vocab import Vocab
+
+_RETRIES = 8
+
+
+def split_segments(body: list[int], vocab: Vocab) -> list[list[int]]:
+    segs: list[list[int]] = [[]]
+    for t in body:
+        if t == vocab.brk:
+            segs.append([])
+        else:
+            segs[-1].append(t)
+    return segs
+
+
+def join_segments(segs: list[list[int]], vocab: Vocab) -> list[int]:
+    out: list[int] = []
+    for i, s in enumerate(segs):
+        if i:
+            out.append(vocab.brk)
+        out += s
+    return out
+
+
+def drop_condition(segs: list[list[int]], vocab: Vocab, p: float, rng: np.random.Generator) -> list[list[int]]:
+    """CFG training: with probability p, a caption that precedes an image becomes <mask>."""
+    if len(segs) >= 2 and segs[0] and not vocab.is_image(segs[0][0]) \
+            and any(s and vocab.is_image(s[0]) for s in segs[1:]) and rng.random() < p:
+        return [[vocab.mask]] + segs[1:]
+    return segs
+
+
+def _maskable(seg: list[int], vocab: Vocab) -> bool:
+    return any(t >= vocab.bpe_start for t in seg)
+
+
+def cm3_transform(body: list[int], vocab: Vocab, rng: np.random.Generator,
+                  max_spans: int = 16) -> list[int]:
+    """body = a document's ids between <bos> and <eos>. Returns the transformed body."""
+    max_spans = min(max_spans, vocab.num_sentinels)
+    segs = split_segments(body, vocab)
+    offsets = np.cumsum([0] + [len(s) + 1 for s in segs[:-1]])   # start of each segment in body
+    candidates = [i for i, s in enumerate(segs) if _maskable(s, vocab)]
+    if not candidates:
+        return list(body)
+    n = int(np.clip(rng.poisson(1.0), 1, max_spans))
+    spans: list[tuple[int, int]] = []       # [start, end) in body coordinates
+    for _ in range(n):
+        for _ in range(_RETRIES):
+            seg = candidates[rng.integers(len(candidates))]
+            length = int(rng.integers(1, len(segs[seg]) + 1))
+            start = int(offsets[seg] + rng.integers(0, len(segs[seg]) - length + 1))
+            end = start + length
+            if all(end <= s or start >= e for s, e in spans):
+                spans.append((start, end))
+                break
+    spans.sort()
+    out, tail, pos = [], [], 0
+    for i, (s, e) in enumerate(spans):
+        sentinel = vocab.sentinel(i)
+        out += body[pos:s] + [sentinel]
+        tail += [sentinel] + body[s:e]
+        pos = e
+    return out + body[pos:] + tail
+
+
+def undo_cm3(seq: list[int], vocab: Vocab) -> list[int]:
+    """Inverse of cm3_transform: splice every appended span back at its sentinel."""
+    first_tail = None
+    seen: set[int] = set()
+    for j, t in enumerate(seq):
+        if vocab.is_sentinel(t):
+            if t in seen:
+                first_tail = j
+                break
+            seen.add(t)
+    if first_tail is None:
+        return list(seq)
+    head, tail = seq[:first_tail], seq[first_tail:]
+    spans: dict[int, list[int]] = {}
+    current = None
+    for t in tail:
+        if vocab.is_sentinel(t):
+            current = t
+            spans[current] = []
+        else:
+            spans[current].append(t)
+    out: list[int] = []
+    for t in head:
+        out += spans.get(t, []) if vocab.is_sentinel(t) else [t]
+    return out

@@ -1,0 +1,80 @@
+"""Packing documents into fixed-length rows with document boundaries.
+
+Each row of `seq_len` tokens holds whole documents back to back; the remainder is padding.
+Positions restart at 0 in every document, `cu_seqlens` (over the flattened B*S stream) tells
+attention where documents start, and a document never crosses a row. A target is the next
+token of the same document; the last token of a document, padding, and every target that is
+a CM3 sentinel carry IGNORE (no loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from engine.tokenizer.vocab import Vocab
+
+IGNORE = -100
+
+
+@dataclass
+class PackedBatch:
+    ids: torch.Tensor          # [B, S] long
+    targets: torch.Tensor      # [B, S] long, IGNORE where no loss
+    positions: torch.Tensor    # [B, S] long, restarting per document
+    cu_seqlens: torch.Tensor   # [n_docs + 1] int32 over the flattened B*S tokens
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(*(t.to(device) for t in (self.ids, self.targets, self.positions, self.cu_seqlens)))
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+class Packer:
+    """Pulls documents from an iterator and packs them into batches; never splits one."""
+
+    def __init__(self, docs: Iterator[list[int]], vocab: Vocab, seq_len: int):
+        self.docs, self.vocab, self.seq_len = docs, vocab, seq_len
+        self.pending: list[int] | None = None
+        self.skipped = 0          # documents longer than a row (counted, never truncated)
+
+    def _next_doc(self) -> list[int]:
+        if self.pending is not None:
+            doc, self.pending = self.pending, None
+            return doc
+        while True:
+            doc = next(self.docs)
+            if len(doc) <= self.seq_len:
+                return doc
+            self.skipped += 1
+
+    def _targets(self, doc: list[int]) -> list[int]:
+        nxt = doc[1:] + [IGNORE]
+        return [IGNORE if t == IGNORE or self.vocab.is_sentinel(t) else t for t in nxt]
+
+    def next_batch(self, batch_size: int) -> PackedBatch:
+        S = self.seq_len
+        ids = torch.full((batch_size, S), self.vocab.pad, dtype=torch.long)
+        targets = torch.full((batch_size, S), IGNORE, dtype=torch.long)
+        positions = torch.zeros((batch_size, S), dtype=torch.long)
+        bounds = [0]
+        for row in range(batch_size):
+            used = 0
+            while True:
+                doc = self._next_doc()
+                if used + len(doc) > S:
+                    self.pending = doc
+                    break
+                n = len(doc)
+                ids[row, used:used + n] = torch.tensor(doc)
+                targets[row, used:used + n] = torch.tensor(self._targets(doc))
+                positions[row, used:used + n] = torch.arange(n)
+                used += n
+                bounds.append(row * S + used)
+            if used < S:  # the padding tail is its own "document": attends only to itself
+                positions[row, used:] = torch.arange(S - used)
+                bounds.append((row + 1) * S)
+        return PackedBatch(ids, targets, positions, torch.tensor(bounds, dtype=torch.int32))

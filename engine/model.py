@@ -1,0 +1,104 @@
+"""The decoder-only transformer over the mixed text/image vocabulary (OPT-like blocks).
+
+Pre-LayerNorm blocks without biases or dropout; LayerNorm affine parameters are optional
+(the paper has none); learned absolute positions that restart at every packed document;
+grouped-query attention when n_kv_heads < n_heads. Attention and the loss go through
+engine.ops only, so their fast backends plug in without touching this file.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine import ops
+from engine.config import ModelConfig
+from engine.inference.kv_cache import KVCache
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        d = cfg.d_model
+        hidden = int(cfg.mlp_ratio * d)
+        self.ln1 = nn.LayerNorm(d, elementwise_affine=cfg.norm_affine, bias=False)
+        self.qkv = nn.Linear(d, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.ln2 = nn.LayerNorm(d, elementwise_affine=cfg.norm_affine, bias=False)
+        self.fc1 = nn.Linear(d, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x, cu_seqlens=None, cache: KVCache | None = None):
+        b, s, _ = x.shape
+        qkv = self.qkv(self.ln1(x))
+        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                             self.n_kv * self.head_dim], dim=-1)
+        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        a = ops.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, s, -1))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, elementwise_affine=cfg.norm_affine, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            # Residual output projections scaled by depth (GPT-2/OPT) keep the stream's
+            # variance flat as layers are added.
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "fc2.weight")) else 1
+            nn.init.normal_(p, std=std * scale)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """ids [B, S] -> final hidden states [B, S, d] (before the LM head)."""
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+        if int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds the context "
+                             f"length {self.cfg.max_seq_len}")
+        x = self.tok_emb(ids) + self.pos_emb(positions)
+        for block in self.blocks:
+            x = block(x, cu_seqlens=cu_seqlens, cache=cache)
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        return self.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over positions with a target (ignore_index elsewhere)."""
+        d = hidden.shape[-1]
+        return ops.span_cross_entropy(hidden.reshape(-1, d), self.lm_head.weight,
+                                      targets.reshape(-1))
+
+    def num_parameters(self) -> int:
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
