@@ -72,3 +72,26 @@ def reference(q, k, v, causal: bool = True, scale: float | None = None,
 
 
 attention = Op("attention", reference)
+
+
+def _triton_supports(q, k, v, causal: bool = True, scale: float | None = None,
+                     cu_seqlens: torch.Tensor | None = None) -> str | None:
+    return _flash.unsupported(q, k, v)
+
+
+def _triton(q, k, v, causal: bool = True, scale: float | None = None,
+            cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    _check(q, k, v, causal, cu_seqlens)
+    if cu_seqlens is not None:
+        # Same validation (and error messages) as the reference; it costs one host sync,
+        # which keeps a malformed batch from silently attending across documents.
+        document_ids(cu_seqlens, q.shape[0], q.shape[2])
+    return _flash.flash_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
+
+
+try:
+    from kernels import flash_attention as _flash
+except ImportError as exc:  # triton missing or broken: forcing the backend says why
+    attention.mark_unavailable("triton", f"kernels.flash_attention failed to import: {exc}")
+else:
+    attention.register("triton", _triton, _triton_supports)

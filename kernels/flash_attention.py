@@ -1,0 +1,221 @@
+"""Triton flash attention: launchers, block-size table and the `engine::flash_attention` op.
+
+Layout: q [B, Hq, Sq, d], k and v [B, Hkv, Sk, d] (any strides; Hq a multiple of Hkv for
+grouped-query attention), causal aligned bottom-right, optional packed documents given by
+`cu_seqlens` (int32 [n_docs + 1]) over the flattened B * S token stream (Sq == Sk, every
+row boundary a document boundary). Returns the output [B, Hq, Sq, d] in q's dtype and the
+natural-log log-sum-exp [B, Hq, Sq] in fp32.
+
+The kernels live in flash_attention_fwd.py and flash_attention_bwd.py. This module is the
+part torch sees: both passes are `torch.library.custom_op`s with fake (meta) kernels, and
+the forward's autograd formula calls the backward op, so autograd, torch.compile and
+`torch.library.opcheck` all see two opaque ops.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+
+from kernels.flash_attention_bwd import (flash_bwd_dkdv_kernel, flash_bwd_dq_kernel,
+                                         flash_bwd_preprocess_kernel)
+from kernels.flash_attention_fwd import LOG2E, flash_fwd_kernel
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class Blocks(NamedTuple):
+    block_m: int   # query rows per tile
+    block_n: int   # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+# Hopper (H100/H200) tiles, keyed on (pass, head-dim bucket, causal); untuned on hardware yet
+# (no GPU in the session that wrote them), sized from the SM's budget instead:
+#  - forward: 128 query rows keep the tensor cores busy (wgmma works on 64-row slices per
+#    warpgroup) while the Q tile stays resident; 64-key tiles let a causal row skip more of
+#    the masked triangle; d=128 doubles the accumulator, so 8 warps spread it over 256
+#    threads (~64 fp32 registers each) and 3 pipeline stages of K/V (3 x 32 KiB) fit the
+#    228 KiB of shared memory.
+#  - dK/dV: a program holds two fp32 [BLOCK_N, d] accumulators, so key tiles are 128 (64 at
+#    d=128) wide with narrow 32/64-row query tiles streamed past them (the FA2 shape).
+#  - dQ: the mirror image: 128-row query tiles (64 at d=128) against 32/64-key tiles.
+# fp32 inputs halve both tile sides (twice the bytes per element, IEEE-exact dots).
+_HOPPER = {
+    ("fwd", 64, True): Blocks(128, 64, 4, 4),
+    ("fwd", 64, False): Blocks(128, 64, 4, 4),
+    ("fwd", 128, True): Blocks(128, 64, 8, 3),
+    ("fwd", 128, False): Blocks(128, 128, 8, 3),
+    ("dkdv", 64, True): Blocks(32, 128, 4, 3),
+    ("dkdv", 64, False): Blocks(32, 128, 4, 3),
+    ("dkdv", 128, True): Blocks(64, 64, 8, 2),
+    ("dkdv", 128, False): Blocks(64, 64, 8, 2),
+    ("dq", 64, True): Blocks(128, 32, 4, 3),
+    ("dq", 64, False): Blocks(128, 32, 4, 3),
+    ("dq", 128, True): Blocks(64, 64, 8, 2),
+    ("dq", 128, False): Blocks(64, 64, 8, 2),
+}
+# The interpreter runs each tile op as a numpy call: 32x32 tiles keep the Python overhead per
+# tile low while still splitting the test lengths (7, 83, 257) into several partial blocks.
+_INTERPRETER = Blocks(32, 32, 1, 1)
+
+
+def pick_blocks(kind: str, head_dim: int, causal: bool, dtype: torch.dtype) -> Blocks:
+    if INTERPRETED:
+        return _INTERPRETER
+    blocks = _HOPPER[(kind, 64 if head_dim <= 64 else 128, causal)]
+    if dtype == torch.float32:
+        blocks = blocks._replace(block_m=max(blocks.block_m // 2, 16),
+                                 block_n=max(blocks.block_n // 2, 16))
+    return blocks
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when these kernels can run the call, else why not."""
+    if not (q.device == k.device == v.device):
+        return "q, k, v are on different devices"
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and INTERPRETED):
+        return f"needs CUDA tensors (or CPU with TRITON_INTERPRET=1), got {q.device.type}"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        return f"dtypes must match and be fp16/bf16/fp32, got {q.dtype}/{k.dtype}/{v.dtype}"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "the Triton interpreter computes bf16 wrongly; use fp16/fp32 on CPU"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]} not in {HEAD_DIMS}"
+    return None
+
+
+def doc_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token [start, end) of its document, as positions within its row (int32 [B, S])."""
+    cu = cu_seqlens.to(device=cu_seqlens.device, dtype=torch.int64)
+    pos = torch.arange(batch * seq, device=cu.device)
+    doc = torch.searchsorted(cu[1:], pos, right=True)
+    row_start = (pos // seq) * seq
+    start = (cu[doc] - row_start).to(torch.int32).view(batch, seq)
+    end = (cu[doc + 1] - row_start).to(torch.int32).view(batch, seq)
+    return start.contiguous(), end.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get IEEE fp32 dots: the TF32 default would lose ~3 decimal digits and make
+    # fp32 no more accurate than fp16. For 16-bit inputs the setting does not apply.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _varlen_args(cu_seqlens, q):
+    if cu_seqlens is None:
+        return q, q, False  # placeholders, never read when VARLEN is False
+    start, end = doc_bounds(cu_seqlens.to(q.device), q.shape[0], q.shape[2])
+    return start, end, True
+
+
+@torch.library.custom_op("engine::flash_attention", mutates_args=())
+def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                        scale: float, cu_seqlens: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, sq, d = q.shape
+    sk = k.shape[2]
+    out = torch.empty((batch, heads, sq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or sk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    start, end, varlen = _varlen_args(cu_seqlens, q)
+    blk = pick_blocks("fwd", d, causal, q.dtype)
+    grid = (triton.cdiv(sq, blk.block_m), batch * heads)
+    flash_fwd_kernel[grid](
+        q, k, v, out, lse, start, end,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
+        heads, heads // k.shape[1], sq, sk, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_D=max(triton.next_power_of_2(d), 16),
+        BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, CAUSAL=causal, VARLEN=varlen,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=blk.num_warps, num_stages=blk.num_stages)
+    return out, lse
+
+
+@flash_attention_fwd.register_fake
+def _(q, k, v, causal, scale, cu_seqlens=None):
+    out = q.new_empty(q.shape)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("engine::flash_attention_backward", mutates_args=())
+def flash_attention_bwd(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                        causal: bool, scale: float, cu_seqlens: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, sq, d = q.shape
+    kv_heads, sk = k.shape[1], k.shape[2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or sk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    out = out.contiguous()
+    lse = lse.contiguous()
+    start, end, varlen = _varlen_args(cu_seqlens, q)
+    block_d = max(triton.next_power_of_2(d), 16)
+    common = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, VARLEN=varlen,
+                  DOT_PRECISION=_dot_precision(q.dtype))
+
+    delta = torch.empty_like(lse)
+    has_dlse = grad_lse is not None
+    pre_m = 32 if INTERPRETED else 64
+    flash_bwd_preprocess_kernel[(triton.cdiv(sq, pre_m), batch * heads)](
+        out, grad_out, grad_lse.contiguous() if has_dlse else lse, delta,
+        *out.stride()[:3], *grad_out.stride(), heads, sq,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=has_dlse)
+
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    blk = pick_blocks("dkdv", d, causal, q.dtype)
+    flash_bwd_dkdv_kernel[(triton.cdiv(sk, blk.block_n), batch * kv_heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, start, end, *strides,
+        *dk.stride()[:3], *dv.stride()[:3], heads, heads // kv_heads, sq, sk, scale, scale * LOG2E,
+        BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps,
+        num_stages=blk.num_stages, **common)
+
+    blk = pick_blocks("dq", d, causal, q.dtype)
+    flash_bwd_dq_kernel[(triton.cdiv(sq, blk.block_m), batch * heads)](
+        q, k, v, grad_out, lse, delta, dq, start, end, *strides,
+        *dq.stride()[:3], heads, heads // kv_heads, sq, sk, scale, scale * LOG2E,
+        BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps,
+        num_stages=blk.num_stages, **common)
+    return dq, dk, dv
+
+
+@flash_attention_bwd.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, causal, scale, cu_seqlens=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, cu_seqlens = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd(grad_out, grad_lse, q, k, v, out, lse,
+                                     ctx.causal, ctx.scale, cu_seqlens)
+    return dq, dk, dv, None, None, None
+
+
+flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                    return_lse: bool = False):
+    """Attention output (and, with return_lse, the fp32 log-sum-exp); differentiable."""
+    reason = unsupported(q, k, v)
+    if reason is not None:
+        raise ValueError(f"flash_attention: {reason}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = flash_attention_fwd(q, k, v, causal, scale, cu_seqlens)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,125 @@
+"""Flash-attention forward in Triton: online softmax over key blocks, fp32 accumulation.
+
+One program computes one block of BLOCK_M query rows of one (batch, query head). It streams
+key/value blocks, keeping a running row maximum `m`, a running denominator `l` and an fp32
+output accumulator; each new block rescales the old state by exp(m_old - m_new), so the
+[Sq, Sk] score matrix never exists in memory. Scores live in the log2 domain (the softmax
+scale is pre-multiplied by log2(e)) so the exponentials are `exp2`, which maps to a single
+hardware instruction. The log-sum-exp of every row is written (natural log, fp32) for the
+backward pass, which rebuilds the probabilities from it instead of storing them.
+
+Masks: causal is aligned bottom-right (query i sees keys j <= i + Sk - Sq). Packed documents
+arrive as per-token [start, end) key ranges of the token's document within its row
+(DOC_START / DOC_END, int32 [B, S]); the loop bounds skip every key block that lies outside
+the union of the query block's documents, so packed rows cost about the sum of the squared
+document lengths, not S^2.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# A finite stand-in for -inf as the initial running max: a row whose keys are all masked in
+# the current block then gets p = exp2(-inf - MIN) = 0 and a rescale factor of exp2(0) = 1,
+# instead of the NaN that exp2(-inf - -inf) would give.
+NEG_BIG = -1.0e30
+
+
+@triton.jit
+def key_range(offs_m, SQ, SK, q_doc_start, q_doc_end, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    """[lo, hi) key range that the query rows `offs_m` can see; lo is BLOCK_N-aligned."""
+    lo = 0
+    hi = SK
+    if CAUSAL:
+        last_q = tl.minimum(tl.max(offs_m), SQ - 1)
+        hi = tl.minimum(hi, last_q + 1 + SK - SQ)
+    if VARLEN:
+        lo = tl.min(q_doc_start)
+        hi = tl.minimum(hi, tl.max(q_doc_end))
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def score_mask(offs_m, offs_n, SQ, SK, q_doc_start, q_doc_end,
+               CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] True where query row i may attend key j."""
+    mask = (offs_n[None, :] < SK) & (offs_m[:, None] < SQ)
+    if CAUSAL:
+        mask = mask & (offs_n[None, :] <= offs_m[:, None] + (SK - SQ))
+    if VARLEN:
+        mask = mask & (offs_n[None, :] >= q_doc_start[:, None]) & (offs_n[None, :] < q_doc_end[:, None])
+    return mask
+
+
+@triton.jit
+def flash_fwd_kernel(
+    Q, K, V, O, LSE, DOC_START, DOC_END,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sob, soh, sos,
+    H, GROUPS, SQ, SK, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # Causal blocks near the end of the sequence do the most work; launching them first
+        # keeps the last wave of the grid from being a few long stragglers.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    kvh = h // GROUPS
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < SQ
+
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+
+    q_doc_start = offs_m
+    q_doc_end = offs_m
+    if VARLEN:
+        q_doc_start = tl.load(DOC_START + b * SQ + offs_m, mask=m_ok, other=SQ)
+        q_doc_end = tl.load(DOC_END + b * SQ + offs_m, mask=m_ok, other=0)
+    lo, hi = key_range(offs_m, SQ, SK, q_doc_start, q_doc_end, BLOCK_M, BLOCK_N, CAUSAL, VARLEN)
+
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < SK
+        kt = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+        mask = score_mask(offs_m, offs_n, SQ, SK, q_doc_start, q_doc_end, CAUSAL, VARLEN)
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        # P is rounded to the input dtype for the tensor-core matmul (as every flash kernel
+        # does); the sum above and the accumulator stay in fp32.
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Padded rows (beyond SQ) saw no key: keep them finite, they are not stored.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
+    tl.store(LSE + pid_bh.to(tl.int64) * SQ + offs_m, lse, mask=m_ok)
