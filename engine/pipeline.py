@@ -1,0 +1,78 @@
+"""The stages of one training run, in order; each is skipped when its output exists."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.data.corpus import EncodedCorpus, document_stream, encode_corpus, load_dataset
+from engine.run_artifacts import RunDir, build_classifier, build_text_tokenizer, build_vqvae
+from engine.tokenizer.vocab import Vocab
+
+log = logging.getLogger("engine.train")
+
+
+def _stage(name: str):
+    log.info("== %s", name)
+    return time.time()
+
+
+def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume: bool = False,
+                 evaluate: bool = True, progress: bool = True) -> dict:
+    from engine.eval.report import write_loss_curve, write_samples_and_eval
+    from engine.model import Transformer
+    from engine.trainer import train_model
+
+    run = RunDir(out)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.train.seed)
+    vocab = Vocab.from_config(cfg.vocab)
+    timings = {}
+    started = time.time()
+
+    t = _stage("text tokenizer (BPE)")
+    train_set = load_dataset(cfg.data.dataset, "train", cfg.image, cfg.data.train_size, cfg.train.seed)
+    text = build_text_tokenizer(run, cfg, train_set)
+    timings["bpe_s"] = time.time() - t
+
+    t = _stage("image tokenizer (VQ-VAE)")
+    vq = build_vqvae(run, cfg, train_set, progress=progress).eval()
+    timings["vqvae_s"] = time.time() - t
+
+    t = _stage("evaluation judge (shape classifier)")
+    classifier = build_classifier(run, cfg, progress=progress) if cfg.data.dataset == "shapes" else None
+    timings["classifier_s"] = time.time() - t
+
+    t = _stage("tokenised corpus")
+    if run.corpus.is_file():
+        corpus = EncodedCorpus.load(run.corpus)
+    else:
+        corpus = encode_corpus(train_set, text, vq, progress=progress)
+        run.corpus.parent.mkdir(parents=True, exist_ok=True)
+        corpus.save(run.corpus)
+    timings["corpus_s"] = time.time() - t
+
+    t = _stage(f"model: {cfg.preset}, {cfg.train.steps} steps on {dev}")
+    model = Transformer(cfg.model, vocab.size)
+    log.info("%s parameters", f"{model.num_parameters():,}")
+    metrics = train_model(model, lambda seed: document_stream(corpus, vocab, cfg.train, cfg.data, seed),
+                          vocab, cfg.train, run.root, dev, resume=resume, progress=progress)
+    timings["model_s"] = time.time() - t
+
+    write_loss_curve(metrics, run.root / "loss.png")
+    t = _stage("samples and evaluation")
+    report = write_samples_and_eval(cfg, model, text, vq, classifier, run, evaluate=evaluate,
+                                    progress=progress)
+    timings["eval_s"] = time.time() - t
+    timings["total_s"] = time.time() - started
+    report["timings"] = timings
+    report["final_loss"] = metrics[-1]["loss"] if metrics else None
+    tmp = run.root / "eval.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(run.root / "eval.json")
+    log.info("run finished in %.0f s: %s", timings["total_s"], json.dumps(report))
+    return report

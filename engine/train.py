@@ -1,0 +1,123 @@
+"""python -m engine.train: tokenizers, then the model, then samples and the evaluation.
+
+Stages, all in one run directory (see engine/run_artifacts.py for the layout), each skipped
+when its output already exists: BPE -> VQ-VAE (+ its report) -> shape classifier (the
+evaluation's judge) -> tokenised corpus -> model -> sample grid, loss curve, prompt accuracy.
+
+  python -m engine.train                              # tiny preset on the built-in shapes data
+  python -m engine.train --preset cm3leon-7b --dry-run
+  python -m engine.train --out runs/a --resume        # continue from the latest checkpoint
+  python -m engine.train --set train.lr=1e-3 --set model.n_layers=6
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import CheckpointError, latest_checkpoint
+from engine.config import PRESETS, EngineConfig, get_preset
+from engine.data.corpus import DATASETS
+
+log = logging.getLogger("engine.train")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", help=f"model/data preset: {', '.join(PRESETS)}")
+    ap.add_argument("--data", default=None, help=f"dataset: {', '.join(DATASETS)} (default: the preset's)")
+    ap.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory")
+    ap.add_argument("--steps", type=int, default=None, help="model training steps (default: the preset's)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build the model on the meta device, print config and parameter count, exit")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override any config field, e.g. train.lr=1e-3 (repeatable)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the prompt-accuracy evaluation at the end")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap.parse_args(argv)
+
+
+def apply_overrides(cfg: EngineConfig, pairs: list[str]) -> EngineConfig:
+    d = cfg.to_dict()
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not dot or section not in d or name not in d[section]:
+            raise ValueError(f"bad --set {pair!r}: use SECTION.FIELD=VALUE with a known field, "
+                             f"sections: {', '.join(k for k in d if isinstance(d[k], dict))}")
+        current = d[section][name]
+        try:
+            d[section][name] = json.loads(value) if not isinstance(current, str) else value
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"bad --set {pair!r}: {value!r} is not a valid value") from exc
+    return EngineConfig.from_dict(d)
+
+
+def resolve_config(args) -> EngineConfig:
+    cfg = get_preset(args.preset)
+    if args.data is not None:
+        if args.data not in DATASETS:
+            raise ValueError(f"unknown dataset {args.data!r}; choose one of: {', '.join(DATASETS)}")
+        cfg.data.dataset = args.data
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    return apply_overrides(cfg, args.set)
+
+
+def dry_run(cfg: EngineConfig) -> None:
+    from engine.model import Transformer
+    from engine.tokenizer.vocab import Vocab
+    t0 = time.time()
+    with torch.device("meta"):
+        model = Transformer(cfg.model, Vocab.from_config(cfg.vocab).size)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    n = model.num_parameters()
+    print(f"preset {cfg.preset}: {n:,} parameters ({n / 1e9:.2f}B), vocab {cfg.vocab.size:,}, "
+          f"context {cfg.model.max_seq_len:,}; built on the meta device in {time.time() - t0:.1f} s")
+
+
+def prepare_run_dir(args, cfg: EngineConfig) -> EngineConfig:
+    from engine.run_artifacts import RunDir
+    run = RunDir(args.out)
+    if args.resume:
+        saved = run.load_config()               # clear error when --out is not a run
+        latest_checkpoint(run.root)             # clear error when there is nothing to resume
+        saved.train.steps = cfg.train.steps if args.steps is not None else saved.train.steps
+        return saved
+    if run.config.is_file():
+        raise FileExistsError(f"{run.root} already holds a run: pass --resume to continue it, "
+                              "or choose another --out")
+    run.root.mkdir(parents=True, exist_ok=True)
+    cfg.save(run.config)
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = resolve_config(args)
+        if args.dry_run:
+            dry_run(cfg)
+            return 0
+        cfg = prepare_run_dir(args, cfg)
+        from engine.pipeline import run_pipeline
+        run_pipeline(cfg, args.out, device=args.device, resume=args.resume,
+                     evaluate=not args.no_eval, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The model training loop: AdamW, warmup + cosine, clipping, bf16 autocast, checkpoints.
+
+Progress shows loss, tokens/s and the ETA; every `log_every` steps a line goes to
+metrics.jsonl; every `checkpoint_every` steps (and at the end) a checkpoint is written
+atomically. Resuming restores model, optimizer and step; the data stream is reseeded from
+(seed, step) so a resumed run sees fresh documents rather than a replay.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights, load_optimizer, save_checkpoint
+from engine.config import TrainConfig
+from engine.data.packing import Packer
+from engine.model import Transformer
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # No weight decay on embeddings and norms (GPT-2/OPT practice): decay only matrices.
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=False)
+
+
+def bf16_autocast_ok(device: torch.device) -> bool:
+    """bf16 autocast only where the hardware has bf16 arithmetic (else it is slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run_dir: Path,
+                device: torch.device, resume: bool, progress: bool = True) -> list[dict]:
+    """stream_factory(seed) -> iterator of token lists. Returns the metrics records."""
+    model.to(device).train()
+    optim = make_optimizer(model, cfg)
+    start = 0
+    if resume and list_checkpoints(run_dir):
+        ckpt = latest_checkpoint(run_dir)
+        state = load_model_weights(ckpt, model)
+        load_optimizer(ckpt, optim, state)
+        start = state["step"]
+    if start >= cfg.steps:
+        return _read_metrics(run_dir)
+    _truncate_metrics(run_dir, start)   # drop lines logged after the checkpoint we resume from
+    packer = Packer(stream_factory(cfg.seed * 1_000_003 + start), vocab, model.cfg.max_seq_len)
+    use_bf16 = cfg.autocast_bf16 and bf16_autocast_ok(device)
+    metrics_f = open(Path(run_dir) / "metrics.jsonl", "a")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+               disable=not progress, dynamic_ncols=True)
+    tokens_seen, t0, loss_acc, n_acc = 0, time.time(), 0.0, 0
+    try:
+        for step in bar:
+            batch = packer.next_batch(cfg.batch_size).to(device)
+            lr = lr_at(step, cfg)
+            for g in optim.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                hidden = model(batch.ids, positions=batch.positions, cu_seqlens=batch.cu_seqlens)
+                loss = model.loss(hidden, batch.targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr "
+                                         "or resume from the last checkpoint")
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            tokens_seen += batch.ids.numel()
+            loss_acc += loss.item()
+            n_acc += 1
+            rate = tokens_seen / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.1e}")
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                rec = {"step": done, "loss": loss_acc / n_acc, "lr": lr, "grad_norm": float(gnorm),
+                       "tokens_per_s": rate, "time": time.time()}
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+                loss_acc, n_acc = 0.0, 0
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(run_dir, done, model, optim, {"tokens_per_s": rate})
+    finally:
+        metrics_f.close()
+        bar.close()
+    return _read_metrics(run_dir)
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        keep = [r for r in _read_metrics(run_dir) if r["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(path)
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
