@@ -124,9 +124,10 @@ def flash_bwd_dkdv_kernel(
             if VARLEN:
                 q_doc_start = tl.load(DOC_START + b * SQ + offs_m, mask=m_ok, other=SQ)
                 q_doc_end = tl.load(DOC_END + b * SQ + offs_m, mask=m_ok, other=0)
-            mask = score_mask(offs_m, offs_n, SQ, SK, q_doc_start, q_doc_end, CAUSAL, VARLEN)
+            mask_t = score_mask(offs_m[None, :], offs_n[:, None], SQ, SK, q_doc_start[None, :],
+                                q_doc_end[None, :], CAUSAL, VARLEN)
             # Masked entries may overflow exp2 (padded rows have lse 0); select, never multiply.
-            pt = tl.where(tl.trans(mask), tl.math.exp2(st - lse[None, :]), 0.0)
+            pt = tl.where(mask_t, tl.math.exp2(st - lse[None, :]), 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             dst = pt * (dpt - delta[None, :])
@@ -190,7 +191,8 @@ def flash_bwd_dq_kernel(
         k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        mask = score_mask(offs_m, offs_n, SQ, SK, q_doc_start, q_doc_end, CAUSAL, VARLEN)
+        mask = score_mask(offs_m[:, None], offs_n[None, :], SQ, SK, q_doc_start[:, None],
+                          q_doc_end[:, None], CAUSAL, VARLEN)
         p = tl.where(mask, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])

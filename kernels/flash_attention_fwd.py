@@ -23,7 +23,7 @@ LOG2E = 1.4426950408889634
 # A finite stand-in for -inf as the initial running max: a row whose keys are all masked in
 # the current block then gets p = exp2(-inf - MIN) = 0 and a rescale factor of exp2(0) = 1,
 # instead of the NaN that exp2(-inf - -inf) would give.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -43,14 +43,14 @@ def key_range(offs_m, SQ, SK, q_doc_start, q_doc_end, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def score_mask(offs_m, offs_n, SQ, SK, q_doc_start, q_doc_end,
-               CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] True where query row i may attend key j."""
-    mask = (offs_n[None, :] < SK) & (offs_m[:, None] < SQ)
+def score_mask(qi, kj, SQ, SK, q_doc_start, q_doc_end, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    """True where query qi may attend key kj. The arguments are broadcastable 2-D index
+    tiles (q_doc_* shaped like qi), so the same code yields S or S^T orientation."""
+    mask = (kj < SK) & (qi < SQ)
     if CAUSAL:
-        mask = mask & (offs_n[None, :] <= offs_m[:, None] + (SK - SQ))
+        mask = mask & (kj <= qi + (SK - SQ))
     if VARLEN:
-        mask = mask & (offs_n[None, :] >= q_doc_start[:, None]) & (offs_n[None, :] < q_doc_end[:, None])
+        mask = mask & (kj >= q_doc_start) & (kj < q_doc_end)
     return mask
 
 
@@ -103,7 +103,8 @@ def flash_fwd_kernel(
         kt = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
-        mask = score_mask(offs_m, offs_n, SQ, SK, q_doc_start, q_doc_end, CAUSAL, VARLEN)
+        mask = score_mask(offs_m[:, None], offs_n[None, :], SQ, SK, q_doc_start[:, None],
+                          q_doc_end[:, None], CAUSAL, VARLEN)
         s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])

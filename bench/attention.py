@@ -1,0 +1,125 @@
+"""Attention: the Triton flash kernel against the masked-SDPA reference and torch's SDPA kernels.
+
+FLOPs (flash-attention's convention): forward 4 * b * h * s^2 * d, halved when causal;
+backward 2.5x the forward. Shapes keep b * s = 16k tokens and h * d = 2048, as the published
+FA2/FA3 tables do, so sequence lengths compare at equal work per token.
+
+On CUDA (bf16): seq 1k/4k/16k (quick: 1k), head dim 64/128, causal and not; impls are
+`triton` (kernels/flash_attention.py), the engine `reference` (SDPA with an explicit boolean
+mask, the ratio's base) and SDPA forced to each backend the device offers (flash, cudnn,
+efficient; one that refuses the shape is skipped). TFLOP/s and % of the bf16 dense peak are
+reported when the device's peak is known.
+
+On CPU: the reference against plain SDPA (is_causal, no mask tensor) at small sizes. The
+Triton rows are skipped, and the case names say so: the interpreter that runs them on CPU is
+a test vehicle, orders of magnitude slower, not a speed path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Row, device_name, peak_memory_mb, time_fn
+from engine.ops.attention import reference
+
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}   # dense bf16 tensor-core peak, by name
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def flops(b: int, h: int, s: int, d: int, causal: bool, backward: bool) -> float:
+    f = 4 * b * h * s * s * d / (2 if causal else 1)
+    return 2.5 * f if backward else f
+
+
+def sdpa_impls(device: torch.device) -> dict:
+    impls = {"reference": lambda q, k, v, causal: reference(q, k, v, causal=causal)}
+    if device.type != "cuda":
+        impls["sdpa"] = lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return impls
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def forced(backend):
+        def fn(q, k, v, causal):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return fn
+
+    for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        impls[name] = forced(backend)
+    from kernels.flash_attention import flash_attention
+    impls["triton"] = lambda q, k, v, causal: flash_attention(q, k, v, causal=causal)
+    return impls
+
+
+def bench_case(b, h, s, d, causal, device, dtype, note="") -> list[Row]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+               for _ in range(3))
+    grad_out = torch.randn(b, h, s, d, device=device, dtype=dtype, generator=gen)
+    peak = peak_tflops(device)
+    dev = device_name(device)
+    reps = dict(reps=5, min_time_s=0.1) if device.type == "cpu" else {}
+    timed: dict[tuple[str, str], tuple[float, float]] = {}
+    for name, fn in sdpa_impls(device).items():
+        try:
+            with torch.no_grad():
+                fn(q, k, v, causal)       # a backend that refuses the shape raises here
+            out = fn(q, k, v, causal)
+        except RuntimeError as exc:
+            print(f"  skip {name} at s={s} d={d}: {str(exc).splitlines()[0][:100]}")
+            continue
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(q, k, v, causal)
+
+        def bwd(out=out):
+            return torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+
+        timed[(name, "fwd")] = (time_fn(fwd, device, **reps), peak_memory_mb(fwd, device))
+        timed[(name, "bwd")] = (time_fn(bwd, device, **reps), peak_memory_mb(bwd, device))
+        del out
+    rows = []
+    for (name, kind), (ms, mem) in timed.items():
+        base = timed.get(("reference", kind))
+        tflops = flops(b, h, s, d, causal, kind == "bwd") / (ms * 1e-3) / 1e12
+        extra = {"TFLOP/s": tflops}
+        if peak is not None:
+            extra["% peak"] = 100 * tflops / peak
+        mask = "causal" if causal else "full"
+        rows.append(Row("attention", f"{kind} b={b} h={h} s={s} d={d} {mask}{note}", name, ms,
+                        ratio=None if base is None else base[0] / ms, peak_mem_mb=mem,
+                        extra=extra, device=dev))
+    return rows
+
+
+def run(quick: bool) -> list[Row]:
+    if torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        seqs = (1024,) if quick else (1024, 4096, 16384)
+        cases = [(16384 // s, 2048 // d, s, d, causal)
+                 for s in seqs for d in (64, 128) for causal in (True, False)]
+        note = ""
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+        sizes = (256,) if quick else (256, 1024)
+        cases = [(1, 4, s, 64, causal) for s in sizes for causal in (True, False)]
+        note = " [cpu: triton rows skipped, the interpreter is not a speed path]"
+    # CPU cases run on one thread: on the shared 2-core dev machines, OpenMP's barriers across
+    # 2 threads wait out scheduler ticks and the times come out as multiples of ~8 ms.
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return [row for b, h, s, d, causal in cases
+                for row in bench_case(b, h, s, d, causal, device, dtype, note)]
+    finally:
+        torch.set_num_threads(threads)

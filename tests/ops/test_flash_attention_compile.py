@@ -1,0 +1,95 @@
+"""The flash-attention kernels compile for Hopper (sm_90) on a machine without a GPU.
+
+The interpreter runs the kernels' Python, not Triton's compiler, so it misses what only the
+compiler rejects (non-constexpr globals, dot shapes, loop-carried type changes) and says
+nothing about shared memory. Triton can compile to a cubin for a named target with no
+driver; that runs in a subprocess because TRITON_INTERPRET=1 (set for this session by
+conftest) turns @triton.jit into the interpreter. Where a GPU is present the `cuda` tests
+launch the real kernels instead, so this is skipped there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Compiles every pass at the Hopper tile table's configs and prints their shared memory.
+SCRIPT = r"""
+import json, sys
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from kernels import flash_attention as fa
+from kernels.flash_attention_bwd import (flash_bwd_dkdv_kernel, flash_bwd_dq_kernel,
+                                         flash_bwd_preprocess_kernel)
+from kernels.flash_attention_fwd import flash_fwd_kernel
+
+FLOATS = {"scale", "scale_log2"}
+SIZES = {"H", "GROUPS", "SQ", "SK"}
+INT_PTRS = {"DOC_START", "DOC_END"}
+FP32_PTRS = {"LSE", "DELTA", "DLSE"}
+
+def build(fn, consts, dtype, num_warps, num_stages):
+    # What the JIT would specialise at launch: unit last-dim strides become constants and
+    # pointers and the other strides are known multiples of 16.
+    consts = dict(consts, **{n: 1 for n in fn.arg_names if n in ("sqd", "skd", "svd", "sdod")})
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in FLOATS:
+            sig[n] = "fp32"
+        elif n.isupper() and n not in SIZES:
+            sig[n] = "*i32" if n in INT_PTRS else "*fp32" if n in FP32_PTRS else "*" + dtype
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[n] = "i32"
+            if n.startswith("s"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                     options=dict(num_warps=num_warps, num_stages=num_stages))
+    return kernel.metadata.shared
+
+results = []
+kernels = {"fwd": flash_fwd_kernel, "dkdv": flash_bwd_dkdv_kernel, "dq": flash_bwd_dq_kernel}
+for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    for d in (64, 128):
+        for causal in (True, False):
+            varlen = causal   # both mask paths, without doubling the compile count
+            if dtype == torch.float32 and (d != 64 or not causal):
+                continue
+            for kind, fn in kernels.items():
+                blk = fa.pick_blocks(kind, d, causal, dtype)
+                consts = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n,
+                              CAUSAL=causal, VARLEN=varlen, DOT_PRECISION=fa._dot_precision(dtype))
+                smem = build(fn, consts, tname, blk.num_warps, blk.num_stages)
+                results.append([kind, tname, d, causal, smem])
+smem = build(flash_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64,
+                                               HAS_DLSE=True), "bf16", 4, 1)
+results.append(["preprocess", "bf16", 128, False, smem])
+print(json.dumps(results))
+"""
+
+HOPPER_SMEM_BYTES = 227 * 1024   # the most one block may use on H100/H200
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda tests launch the kernels here")
+def test_kernels_compile_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 16
+    for kind, dtype, d, causal, smem in results:
+        assert 0 < smem <= HOPPER_SMEM_BYTES, (kind, dtype, d, causal, smem)
