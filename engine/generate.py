@@ -1,9 +1,17 @@
-"""python -m engine.generate: draw images for a text prompt from a trained run.
+"""python -m engine.generate: text -> image, captioning, question answering, editing, infilling.
 
   python -m engine.generate --run runs/tiny --prompt "a red circle" --n 4 --out red.png
+  python -m engine.generate --run runs/tiny --image shape.png                       (caption)
+  python -m engine.generate --run runs/tiny --image shape.png --prompt "what colour is the shape?"
+  python -m engine.generate --run runs/tiny --image shape.png --prompt "make it blue" --out e.png
+  python -m engine.generate --run runs/tiny --prompt "a <mask> circle" --output text
 
-Writes one PNG (a grid when --n > 1). Sampling: classifier-free guidance with scale --cfg
-(1 = no guidance), then temperature, TopK (0 = off) and TopP.
+What comes out (--output overrides): no --image -> an image; --image alone -> text (a
+caption); --image with a prompt ending in "?" -> text (the answer); --image with any other
+prompt -> an image (an edit). A prompt with "<mask>" infills it. Images go to --out as one
+PNG (a grid when --n > 1); text goes to stdout, one line per sample. Sampling: CFG scale --cfg
+(1 = off) inside image spans, --image-cfg for the 3-way editing form, --cd-k ALPHA,K for
+contrastive decoding, then temperature (0 = greedy), TopK (0 = off) and TopP.
 """
 from __future__ import annotations
 
@@ -11,32 +19,54 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 from engine.checkpoint import CheckpointError
+from engine.inference.params import MAX_N
 
-MAX_N = 64
+GRID_COLUMNS = 8
+CELL = 256          # pixels per image in the written PNG (nearest-neighbour upscaling)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a run directory from python -m engine.train")
-    ap.add_argument("--prompt", required=True, help="the caption of the image to draw")
+    ap.add_argument("--prompt", default=None, help="caption, question, instruction or text with <mask>")
+    ap.add_argument("--image", type=Path, default=None, help="an input image (any size and mode: "
+                    "converted to RGB, centre-cropped square, resized to the run's image size)")
+    ap.add_argument("--output", choices=("image", "text"), default=None,
+                    help="what to generate (default: inferred, see above)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's, 3)")
+    ap.add_argument("--image-cfg", type=float, default=None,
+                    help="image guidance scale for editing: switches on the 3-way CFG form")
+    ap.add_argument("--cd-k", default=None, metavar="ALPHA,K", help="contrastive decoding TopK")
     ap.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1] (default 0.9)")
-    ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely codes; 0 = off")
+    ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0 = off")
     ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1)")
-    ap.add_argument("--n", type=int, default=1, help=f"images to draw (1..{MAX_N})")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="text length limit")
+    ap.add_argument("--n", type=int, default=1, help=f"samples to draw (1..{MAX_N})")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    ap.add_argument("--out", type=Path, default=None, help="PNG file to write (image outputs)")
     ap.add_argument("--device", default=None)
     return ap.parse_args(argv)
 
 
+def output_modality(args) -> str:
+    if args.output:
+        return args.output
+    if args.image is None:
+        return "text" if args.prompt and "<mask>" in args.prompt else "image"
+    if not args.prompt or args.prompt.rstrip().endswith("?"):
+        return "text"
+    return "image"
+
+
 def check_args(args) -> None:
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty: describe the image, e.g. --prompt \"a red circle\"")
+    if args.image is None and (args.prompt is None or not args.prompt.strip()):
+        raise ValueError("the prompt is empty: describe the image, e.g. --prompt \"a red circle\", "
+                         "or give --image")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty: drop it (captioning) or write some text")
     if not 1 <= args.n <= MAX_N:
         raise ValueError(f"--n must be between 1 and {MAX_N}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -45,38 +75,91 @@ def check_args(args) -> None:
         raise ValueError("--top-k must be >= 0")
     if args.temperature is not None and args.temperature < 0:
         raise ValueError("--temperature must be >= 0")
-    if args.out.suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {args.out}")
+    if output_modality(args) == "image":
+        if args.out is None:
+            raise ValueError("an image output needs --out FILE.png")
+        if args.out.suffix.lower() != ".png":
+            raise ValueError(f"--out must name a .png file, got {args.out}")
+
+
+def parse_cd_k(text: str | None) -> tuple[float, int] | None:
+    if text is None:
+        return None
+    try:
+        alpha, k = text.split(",")
+        return float(alpha), int(k)
+    except ValueError:
+        raise ValueError(f"--cd-k takes ALPHA,K (e.g. 0.1,8); got {text!r}") from None
+
+
+def save_images(images, labels: list[str], path: Path) -> None:
+    """One PNG, written to a temporary name and renamed (never half a file)."""
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    if len(images) == 1:
+        images[0].resize((CELL, CELL), resample=Image.Resampling.NEAREST).save(tmp)
+    else:
+        try:
+            from engine.eval.prompt_accuracy import save_prompt_grid
+        except ImportError:
+            save_prompt_grid = None
+        columns = min(len(images), GRID_COLUMNS)
+        if save_prompt_grid is not None:
+            save_prompt_grid(images, labels, tmp, columns=columns)
+        else:
+            rows = -(-len(images) // columns)
+            grid = Image.new("RGB", (columns * CELL, rows * CELL), "white")
+            for i, im in enumerate(images):
+                cell = im.resize((CELL, CELL), resample=Image.Resampling.NEAREST)
+                grid.paste(cell, ((i % columns) * CELL, (i // columns) * CELL))
+            grid.save(tmp)
+    tmp.replace(path)
+
+
+def build_prompt(args) -> list:
+    from engine.inference.prompts import load_image
+    items: list = []
+    if args.image is not None:
+        items.append(load_image(args.image))
+    if args.prompt is not None:
+        items.append(args.prompt)
+    return items
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
-        from engine.eval.prompt_accuracy import save_prompt_grid
-        from engine.eval.report import image_generator
-        from engine.inference.image_generation import SamplingSettings
-        from engine.run_artifacts import load_for_inference
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cfg, model, tok = load_for_inference(args.run, device)
-        s = cfg.sample
-        settings = SamplingSettings(
-            cfg_scale=s.cfg_scale if args.cfg is None else args.cfg,
+        from engine.inference import Engine, SamplingParams
+        modality = output_modality(args)
+        prompt = build_prompt(args)
+        engine = Engine.from_run(args.run, args.device)
+        from engine.run_artifacts import RunDir
+        s = RunDir(args.run).load_config().sample
+        # Guidance only acts inside image spans; text outputs default to none so captioning
+        # and answers do not pay for unconditional rows.
+        default_cfg = s.cfg_scale if modality == "image" else 1.0
+        params = SamplingParams(
+            cfg_scale=default_cfg if args.cfg is None else args.cfg,
+            image_cfg_scale=args.image_cfg,
+            cd_k=parse_cd_k(args.cd_k),
             temperature=s.temperature if args.temperature is None else args.temperature,
             top_p=s.top_p if args.top_p is None else args.top_p,
-            top_k=s.top_k if args.top_k is None else args.top_k)
-        generate = image_generator(cfg, model, tok.text, tok.vq, settings, args.seed)
-        images = generate([args.prompt] * args.n, settings.cfg_scale)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp.png")
-        if args.n == 1:
-            images[0].resize((256, 256), resample=0).save(tmp)
+            top_k=s.top_k if args.top_k is None else args.top_k,
+            n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens, modality=modality)
+        [result] = engine.generate([prompt], params)
+        what = args.prompt if args.prompt is not None else str(args.image)
+        if modality == "image":
+            images = [smp.images[0] for smp in result.samples]
+            save_images(images, [f"#{i}" for i in range(len(images))], args.out)
+            print(f"wrote {args.out} ({args.n} image{'s' * (args.n > 1)} for {what!r}, "
+                  f"cfg {params.cfg_scale:g})")
         else:
-            save_prompt_grid(images, [f"#{i}" for i in range(args.n)], tmp,
-                             columns=min(args.n, 8))
-        tmp.replace(args.out)
-        print(f"wrote {args.out} ({args.n} image{'s' * (args.n > 1)} for {args.prompt!r}, "
-              f"cfg {settings.cfg_scale:g})")
+            for smp in result.samples:
+                print(smp.text.strip())
+            if args.out is not None and any(smp.images for smp in result.samples):
+                save_images([im for smp in result.samples for im in smp.images], [], args.out)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -42,3 +42,9 @@ class ContiguousKVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keeps only the given batch rows (in that order): finished sequences stop costing
+        attention work. Optional for other caches; a paged cache frees their blocks instead."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]

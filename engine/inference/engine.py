@@ -1,0 +1,138 @@
+"""The user-facing generation API, in the shape vLLM / Hugging Face users expect.
+
+    from engine.inference import Engine, SamplingParams, MASK
+    engine = Engine.from_run("runs/tiny")
+    [r] = engine.generate("a red circle", SamplingParams(n=4, cfg_scale=3.0))
+    r.samples[0].images[0].save("red.png")
+    [cap] = engine.generate([[image]], SamplingParams(modality="text", cfg_scale=1.0))
+    [fill] = engine.generate([["a <mask> circle", MASK]], SamplingParams(modality="text"))
+
+`prompts` is one prompt or a list of prompts. A str, a PIL image or a path is one prompt; a
+list of str is many text prompts (as in vLLM); any other flat list (str, images, segments,
+MASK) is one mixed-modal prompt; a list of lists is many mixed-modal prompts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from engine.data.cm3 import undo_cm3
+from engine.inference.decoder import Decoded, decode
+from engine.inference.params import GenerationResult, Sample, SamplingParams, Scorer
+from engine.inference.prompts import PreparedPrompt, Prompt, prepare
+from engine.model import Transformer
+from engine.tokenizer.document import DocumentTokenizer, ImageSegment, TextSegment
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, Path, Image.Image, TextSegment, ImageSegment)):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given: pass a str, a mixed list, or a list of prompts")
+    if all(isinstance(p, str) for p in prompts):
+        return prompts
+    if any(isinstance(p, (list, tuple)) for p in prompts):
+        return prompts
+    return [prompts]
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: DocumentTokenizer, image_size: int,
+                 scorer: Scorer | None = None):
+        if tokenizer.tokens_per_image is None:
+            raise ValueError("the DocumentTokenizer needs tokens_per_image for image spans")
+        self.model, self.tok, self.image_size = model.eval(), tokenizer, image_size
+        self.vocab = tokenizer.vocab
+        self.tokens_per_image = tokenizer.tokens_per_image
+        self.scorer = scorer
+
+    @classmethod
+    def from_run(cls, path: str | Path, device: str | torch.device | None = None,
+                 scorer: Scorer | None = None) -> "Engine":
+        from engine.run_artifacts import load_for_inference
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cfg, model, tok = load_for_inference(path, device)
+        return cls(model, tok, cfg.image.image_size, scorer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prepare(self, prompt: Prompt, params: SamplingParams) -> PreparedPrompt:
+        return prepare(prompt, self.tok, params.modality, self.image_size)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+                 scorer: Scorer | None = None, use_cache: bool = True) -> list[GenerationResult]:
+        """One GenerationResult per prompt, each with params.n samples; with a scorer
+        (or the engine's), samples that carry an image are re-ranked best first."""
+        params = params or SamplingParams()
+        params.validate()
+        prepared = [self.prepare(p, params) for p in _as_prompt_list(prompts)]
+        generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        decoded = decode(self.model, self.vocab, self.tokens_per_image, prepared, params,
+                         generator, use_cache=use_cache)
+        samples = self._samples(prepared, decoded)
+        scorer = scorer or self.scorer
+        results = []
+        for i, p in enumerate(prepared):
+            mine = samples[i * params.n:(i + 1) * params.n]
+            if scorer is not None and all(s.images for s in mine):
+                for s in mine:
+                    s.score = float(scorer(p.text, s.images[0]))
+                mine.sort(key=lambda s: s.score, reverse=True)
+            results.append(GenerationResult(p.text, p.cond, mine))
+        return results
+
+    # -- ids -> text and images -------------------------------------------------------------
+    def _samples(self, prepared: list[PreparedPrompt], decoded: list[Decoded]) -> list[Sample]:
+        v = self.vocab
+        out, all_codes = [], []
+        for d in decoded:
+            p = prepared[d.prompt_index]
+            s = Sample(d.token_ids, d.logprobs, finish_reason=d.finish_reason)
+            if p.spans:
+                spans = self._spans(p, d.token_ids)
+                filled = undo_cm3(p.cond[1:] + d.token_ids, v)
+                doc = self.tok.decode(filled)
+                s.text = " ".join(seg.text for seg in doc if isinstance(seg, TextSegment))
+                s.infilled = [self.tok.text.decode(ids) if span.kind == "text" else ids
+                              for span, ids in zip(p.spans, spans)]
+                codes = [tuple(t - v.image_start for t in ids)
+                         for span, ids in zip(p.spans, spans) if span.kind == "image"]
+            else:
+                doc = self.tok.decode(d.token_ids)
+                s.text = "".join(seg.text for seg in doc if isinstance(seg, TextSegment))
+                codes = [seg.codes for seg in doc if isinstance(seg, ImageSegment)]
+            s.image_codes = codes
+            all_codes += codes
+            out.append(s)
+        images = self._decode_images(all_codes)
+        for s in out:
+            s.images, images = images[:len(s.image_codes)], images[len(s.image_codes):]
+            if s.infilled:
+                it = iter(s.images)
+                s.infilled = [x if isinstance(x, str) else next(it) for x in s.infilled]
+        return out
+
+    def _spans(self, p: PreparedPrompt, generated: list[int]) -> list[list[int]]:
+        """The ids generated for each infill span (after its sentinel, before the next)."""
+        v = self.vocab
+        spans: list[list[int]] = [[]]
+        for t in generated:
+            if v.is_sentinel(t):
+                spans.append([])
+            elif t != v.eos:
+                spans[-1].append(t)
+        return (spans + [[]] * len(p.spans))[:len(p.spans)]
+
+    def _decode_images(self, codes: list[tuple[int, ...]]) -> list[Image.Image]:
+        # An image span is always complete (constraints.py), so every code tuple decodes.
+        if not codes:
+            return []
+        if self.tok.vq is None:
+            raise ValueError("this engine has no VQ-VAE to turn image codes into pictures")
+        return self.tok.decode_images(codes)
