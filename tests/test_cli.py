@@ -1,0 +1,84 @@
+"""The train and generate CLIs: dry runs, and one clear message for each user error."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest_runs import make_untrained_run
+from engine import generate, train
+from engine.checkpoint import latest_checkpoint
+
+
+def run_cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_dry_run_7b_prints_parameter_count():
+    r = run_cli("engine.train", "--preset", "cm3leon-7b", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "6,72" in r.stdout and "B)" in r.stdout
+    assert json.loads(r.stdout[: r.stdout.rindex("}") + 1])["model"]["n_layers"] == 32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "unknown preset 'huge'; choose one of"),
+    (["--data", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--set", "train.nope=1"], "bad --set"),
+])
+def test_train_bad_arguments(args, message, capsys, tmp_path):
+    assert train.main([*args, "--out", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_without_a_run_or_checkpoint(capsys, tmp_path):
+    assert train.main(["--out", str(tmp_path / "missing"), "--resume"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps({"preset": "tiny"}))
+    assert train.main(["--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume(capsys, tmp_path):
+    make_untrained_run(tmp_path / "run")
+    assert train.main(["--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs") / "tiny"
+    make_untrained_run(root)
+    return root
+
+
+def test_generate_writes_a_png(run_dir, tmp_path):
+    out = tmp_path / "one.png"
+    assert generate.main(["--run", str(run_dir), "--prompt", "a red circle", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "   "], "prompt is empty"),
+    (["--prompt", "a red circle " * 40], "context"),
+    (["--prompt", "x", "--n", "0"], "--n must be"),
+    (["--prompt", "x", "--top-p", "0"], "--top-p"),
+])
+def test_generate_bad_input(run_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "bad.png"
+    assert generate.main(["--run", str(run_dir), *args, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_generate_missing_run_and_corrupt_checkpoint(tmp_path, capsys):
+    assert generate.main(["--run", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    make_untrained_run(tmp_path / "run")
+    f = latest_checkpoint(tmp_path / "run") / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    assert generate.main(["--run", str(tmp_path / "run"), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
