@@ -13,7 +13,8 @@ The rules (ids are laid out [pad bos eos brk mask | sentinels | BPE | image code
 - Infilling: the sequence walks the prompt's spans in order. A text span ends when the model
   draws a sentinel, <eos> or <break> (spans never cross <break>); that token is replaced by
   the expected marker, <mask:i+1> or finally <eos>. An image span is exactly
-  tokens_per_image codes, followed by the forced marker.
+  tokens_per_image codes, followed by the forced marker. A text span is ended early (marker
+  forced) when the rest of the token budget is what the later image spans need.
 Guidance (CFG / CD-K) applies inside image spans only; `in_image` tells the decoder.
 """
 from __future__ import annotations
@@ -90,8 +91,11 @@ class SequenceConstraints:
         if self.forced:
             return self.forced.pop(0), True
         v = self.vocab
-        if self.infilling and not self.in_image and (v.is_sentinel(sampled) or sampled in (v.eos, v.brk)):
-            return self._next_marker(), False
+        if self.infilling and not self.in_image:
+            if v.is_sentinel(sampled) or sampled in (v.eos, v.brk):
+                return self._next_marker(), False
+            if self.budget - self.generated <= self._reserved():
+                return self._next_marker(), True
         return sampled, False
 
     def push(self, token: int) -> None:
@@ -125,6 +129,12 @@ class SequenceConstraints:
     def _next_marker(self) -> int:
         nxt = self.span + 1
         return self.spans[nxt].sentinel if nxt < len(self.spans) else self.vocab.eos
+
+    def _reserved(self) -> int:
+        """Tokens this span's marker and every later span still need (an image's codes plus
+        each span's closing marker), so a long text span is cut short, never an image span."""
+        later = self.spans[self.span + 1:]
+        return 1 + sum(1 + (self.tokens_per_image if s.kind == "image" else 0) for s in later)
 
     def _enter_span(self) -> None:
         span = self.spans[self.span]

@@ -51,7 +51,7 @@ def token_budget(p: PreparedPrompt, params: SamplingParams, tokens_per_image: in
     room = max_seq_len - longest
     n_images = sum(s.kind == "image" for s in p.spans)
     if p.spans:
-        need = n_images * (tokens_per_image + 1) + 1
+        need = n_images * tokens_per_image + len(p.spans)    # codes, and a marker per span
     elif params.modality == "image":
         need = tokens_per_image
     else:
@@ -169,9 +169,17 @@ def _sample_step(live: list[_Sequence], logits: torch.Tensor, params: SamplingPa
                 x[sel_t] = x[sel_t].masked_fill(bans[is_text_infill], NEG_INF)
         record(plain, ops.cfg_sample(x, cfg_scale=None, allowed=allowed(plain), **common))
     if two_way:
+        span = allowed(two_way)
         x = torch.cat([rows(two_way, "cond"), rows(two_way, "uncond")])
+        # cfg_sample applies `allowed` after CD-K's plausibility cut, which would keep the k
+        # most likely ids of the whole vocabulary, text included, and then find none allowed.
+        # CD-K belongs among the image codes, so both rows are restricted first (a no-op for
+        # the plain CFG mix, which is elementwise).
+        ids = torch.arange(x.shape[1], device=device)
+        inside = (ids >= span[:, :1]) & (ids < span[:, 1:])
+        x = x.masked_fill(~inside.repeat(2, 1), NEG_INF)
         record(two_way, ops.cfg_sample(x, cfg_scale=params.cfg_scale, cd_k=params.cd_k,
-                                       allowed=allowed(two_way), **common))
+                                       allowed=span, **common))
     if three_way:
         full, img, none = (rows(three_way, n).float() for n in ("cond", "image_only", "uncond"))
         mixed = none + params.image_cfg_scale * (img - none) + params.cfg_scale * (full - img)

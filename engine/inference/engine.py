@@ -99,10 +99,13 @@ class Engine:
                 filled = undo_cm3(p.cond[1:] + d.token_ids, v)
                 doc = self.tok.decode(filled)
                 s.text = " ".join(seg.text for seg in doc if isinstance(seg, TextSegment))
-                s.infilled = [self.tok.text.decode(ids) if span.kind == "text" else ids
-                              for span, ids in zip(p.spans, spans)]
-                codes = [tuple(t - v.image_start for t in ids)
-                         for span, ids in zip(p.spans, spans) if span.kind == "image"]
+                # A span the token budget cut off stays "" (text) or None (image: never
+                # decoded, as a partial image span is not an image).
+                whole = [span.kind == "image" and len(ids) == self.tokens_per_image
+                         for span, ids in zip(p.spans, spans)]
+                s.infilled = [self.tok.text.decode(ids) if span.kind == "text" else
+                              (ids if ok else None) for span, ids, ok in zip(p.spans, spans, whole)]
+                codes = [tuple(t - v.image_start for t in ids) for ids, ok in zip(spans, whole) if ok]
             else:
                 doc = self.tok.decode(d.token_ids)
                 s.text = "".join(seg.text for seg in doc if isinstance(seg, TextSegment))
@@ -115,7 +118,7 @@ class Engine:
             s.images, images = images[:len(s.image_codes)], images[len(s.image_codes):]
             if s.infilled:
                 it = iter(s.images)
-                s.infilled = [x if isinstance(x, str) else next(it) for x in s.infilled]
+                s.infilled = [x if x is None or isinstance(x, str) else next(it) for x in s.infilled]
         return out
 
     def _spans(self, p: PreparedPrompt, generated: list[int]) -> list[list[int]]:

@@ -84,7 +84,8 @@ class Sample:
     text: str = ""
     images: list[Image.Image] = field(default_factory=list, repr=False)
     image_codes: list[tuple[int, ...]] = field(default_factory=list, repr=False)
-    infilled: list[str | Image.Image] = field(default_factory=list, repr=False)
+    # Infilling: per <mask> span its text, or its image (None if the budget cut it off).
+    infilled: list[str | Image.Image | None] = field(default_factory=list, repr=False)
     finish_reason: Literal["eos", "length", "image"] = "eos"
     score: float | None = None
 

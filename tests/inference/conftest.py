@@ -31,12 +31,13 @@ def build_engine(max_seq_len: int = 96, n_layers: int = 2, d_model: int = 64, se
     vocab = Vocab.from_config(cfg.vocab)
     torch.manual_seed(seed)
     model_cfg = dataclasses.replace(cfg.model, n_layers=n_layers, d_model=d_model,
-                                    max_seq_len=max_seq_len, n_kv_heads=n_kv_heads)
+                                    max_seq_len=max_seq_len, n_kv_heads=n_kv_heads,
+                                    tie_embeddings=False)
     model = Transformer(model_cfg, vocab.size).eval()
-    # Random weights with a larger scale make sharper, more varied distributions than
-    # init_std's near-uniform ones, so greedy ties and look-alike samples are rare.
+    # A larger output scale makes sharper distributions than init_std's near-uniform ones,
+    # so greedy near-ties are rare; untied, so the model does not just echo its last token.
     with torch.no_grad():
-        model.tok_emb.weight.mul_(20)
+        model.lm_head.weight.mul_(30)
     text = TextTokenizer.train(CAPTIONS * 4, vocab)
     vq = VQVAE(IMAGE, vocab.image_codes).eval()
     return Engine(model, DocumentTokenizer(vocab, text, vq, IMAGE.tokens_per_image), IMAGE.image_size)

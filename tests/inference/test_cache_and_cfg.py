@@ -109,12 +109,12 @@ def test_cd_k_greedy_equals_hand_contrast(engine):
     [r] = engine.generate(["a red circle"], params)
     cond, uncond = engine.prepare("a red circle", params).cond, [v.bos, v.mask, v.brk]
     for t_engine in r.samples[0].token_ids:
-        lp_c = torch.log_softmax(_full_logits(engine.model, cond), -1)
-        lp_u = torch.log_softmax(_full_logits(engine.model, uncond), -1)
+        # CD-K's plausibility cut is taken among the image codes only.
+        lp_c = torch.log_softmax(_full_logits(engine.model, cond)[v.image_start:], -1)
+        lp_u = torch.log_softmax(_full_logits(engine.model, uncond)[v.image_start:], -1)
         keep = lp_c >= lp_c.topk(8).values[-1] + torch.log(torch.tensor(0.1))
         score = torch.where(keep, lp_c - lp_u, torch.tensor(float("-inf")))
-        score[:v.image_start] = float("-inf")
-        assert t_engine == int(score.argmax())
+        assert t_engine == v.image_start + int(score.argmax())
         cond, uncond = cond + [t_engine], uncond + [t_engine]
 
 
