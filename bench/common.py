@@ -70,7 +70,10 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
 
     CUDA: the caching allocator's peak. CPU: torch has no CPU peak counter, so this resets
     the kernel's resident-set high-water mark (/proc/self/clear_refs) and reads VmHWM after
-    the call; bench/run.py pins glibc's mmap threshold so freed buffers leave the RSS.
+    the call. glibc serves buffers above its mmap threshold (at most 32 MiB) with mmap and
+    unmaps them when freed, so large transients are counted exactly; smaller ones reused from
+    the heap may be under-counted. (Pinning the threshold low would make the count exact but
+    slow every allocation, which would bias the timings against allocation-heavy references.)
     """
     device = torch.device(device)
     gc.collect()

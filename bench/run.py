@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import pkgutil
 import subprocess
 import sys
@@ -22,15 +21,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NOT_BENCHMARKS = {"run", "common", "plot"}
-
-
-def _pin_malloc() -> None:
-    # Large CPU buffers must be returned to the OS when freed, or the resident-set peak that
-    # bench/common.peak_memory_mb reads would hide reuse of freed memory. glibc only honours
-    # this before the process starts, hence the re-exec.
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def discover() -> list[str]:
@@ -70,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the rows, device and commit as JSON")
     ap.add_argument("--png", type=Path, help="also draw the ratios as a bar chart")
     args = ap.parse_args(argv)
-    _pin_malloc()
 
     chosen = [n.strip() for n in args.only.split(",") if n.strip()] or names
     unknown = sorted(set(chosen) - set(names))
