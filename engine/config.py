@@ -105,6 +105,31 @@ class SampleConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """Retrieval-augmented pretraining (engine/retrieval): a dual encoder, a FAISS memory bank
+    over the training corpus, and k neighbours prepended to each training document.
+
+    Off by default until the ablation (scripts/retrieval_ablation.py) says it pays at this
+    scale. A retrieval run needs model.max_seq_len to hold k + 1 documents (tiny: ~240 of
+    256 tokens for k = 2, so use 384).
+    """
+    enabled: bool = False
+    k: int = 2                       # retrieved documents per training document
+    query_dropout: float = 0.2       # share of the query's tokens dropped when forming it
+    dedup_threshold: float = 0.9     # skip candidates scoring above this (near-duplicates)
+    candidates: int = 32             # searched per query before the selection rules
+    embed_dim: int = 128             # the shared L2-normalised space
+    width: int = 128                 # tower width
+    text_layers: int = 2
+    encoder_steps: int = 1_500
+    encoder_batch: int = 256
+    encoder_lr: float = 2e-3
+    index: str = "auto"              # flat (exact), ivf, hnsw, or auto (flat up to exact_max)
+    exact_max: int = 200_000
+    shards: int = 4                  # offline retrieval pass: one shard per worker
+
+
+@dataclass
 class EngineConfig:
     preset: str = "tiny"
     vocab: VocabConfig = field(default_factory=VocabConfig)
@@ -113,6 +138,7 @@ class EngineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,7 +172,8 @@ class EngineConfig:
 
 
 _SECTIONS = {"vocab": VocabConfig, "image": ImageConfig, "model": ModelConfig,
-             "train": TrainConfig, "data": DataConfig, "sample": SampleConfig}
+             "train": TrainConfig, "data": DataConfig, "sample": SampleConfig,
+             "retrieval": RetrievalConfig}
 
 
 def _tiny() -> EngineConfig:

@@ -56,10 +56,18 @@ def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume
         corpus.save(run.corpus)
     timings["corpus_s"] = time.time() - t
 
+    neighbours = None
+    if cfg.retrieval.enabled:
+        from engine.retrieval.stage import build_retrieval
+        t = _stage(f"retrieval: dual encoder, memory bank, {cfg.retrieval.k} neighbours per document")
+        neighbours = build_retrieval(run.root, cfg, corpus, dev, text, vq, progress=progress)
+        timings["retrieval_s"] = time.time() - t
+
     t = _stage(f"model: {cfg.preset}, {cfg.train.steps} steps on {dev}")
     model = Transformer(cfg.model, vocab.size)
     log.info("%s parameters", f"{model.num_parameters():,}")
-    metrics = train_model(model, lambda seed: document_stream(corpus, vocab, cfg.train, cfg.data, seed),
+    metrics = train_model(model, lambda seed: document_stream(corpus, vocab, cfg.train, cfg.data, seed,
+                                                              neighbours),
                           vocab, cfg.train, run.root, dev, resume=resume, progress=progress)
     timings["model_s"] = time.time() - t
 

@@ -2,12 +2,15 @@
 
 Stages, all in one run directory (see engine/run_artifacts.py for the layout), each skipped
 when its output already exists: BPE -> VQ-VAE (+ its report) -> shape classifier (the
-evaluation's judge) -> tokenised corpus -> model -> sample grid, loss curve, prompt accuracy.
+evaluation's judge) -> tokenised corpus -> [retrieval: dual encoder, memory bank, offline
+neighbour pass (engine/retrieval/stage.py), when on] -> model -> sample grid, loss curve,
+prompt accuracy.
 
   python -m engine.train                              # tiny preset on the built-in shapes data
   python -m engine.train --preset cm3leon-7b --dry-run
   python -m engine.train --out runs/a --resume        # continue from the latest checkpoint
   python -m engine.train --set train.lr=1e-3 --set model.n_layers=6
+  python -m engine.train --out runs/rag --retrieve 2 --set model.max_seq_len=384
 """
 from __future__ import annotations
 
@@ -40,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="build the model on the meta device, print config and parameter count, exit")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override any config field, e.g. train.lr=1e-3 (repeatable)")
+    ap.add_argument("--retrieve", type=int, default=None, metavar="K",
+                    help="retrieval-augmented pretraining with K neighbours per document "
+                         "(0 = off; sets retrieval.enabled and retrieval.k; needs a context "
+                         "that holds K + 1 documents, e.g. --set model.max_seq_len=384)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--no-eval", action="store_true", help="skip the prompt-accuracy evaluation at the end")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -70,6 +77,11 @@ def resolve_config(args) -> EngineConfig:
         cfg.data.dataset = args.data
     if args.steps is not None:
         cfg.train.steps = args.steps
+    if args.retrieve is not None:
+        if args.retrieve < 0:
+            raise ValueError("--retrieve takes the number of neighbours K >= 0 (0 = off)")
+        cfg.retrieval.enabled = args.retrieve > 0
+        cfg.retrieval.k = args.retrieve or cfg.retrieval.k
     return apply_overrides(cfg, args.set)
 
 

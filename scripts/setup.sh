@@ -15,6 +15,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 if ! command -v cmake >/dev/null; then pip_install cmake; fi
 pip_install "setuptools>=64" wheel ninja numpy pillow "tokenizers>=0.15" "safetensors>=0.4" \
-  tqdm matplotlib "triton>=3.6" "pytest>=8" "hypothesis>=6" pytest-timeout
+  tqdm matplotlib "faiss-cpu>=1.8" "triton>=3.6" "pytest>=8" "hypothesis>=6" pytest-timeout
 pip_install --no-build-isolation --no-deps -e .
 "$PY" -c "import engine._native as n; print('engine._C:', 'built' if n.AVAILABLE else n.LOAD_ERROR)"

@@ -4,6 +4,22 @@ An EncodedCorpus is what a large run would shard: per document the caption's BPE
 image's VQ codes, stored as flat safetensors arrays (codes [N, T], caption ids flattened with
 offsets), so loading is a memory map, not a pickle. `document_stream` turns it into an endless
 stream of training sequences: modality order, CFG condition dropout, then the CM3 transform.
+
+Retrieval-augmented documents (engine/retrieval; `neighbours` given): the k retrieved
+documents come first, each as its own segments (in the query's modality order) closed by an
+<eos> segment, then the query document; the whole body goes through the CM3 transform, so
+spans may fall in retrieved documents too but never cross a <break>, and so never a document
+boundary. With caption-first documents R1, R2 and query Q:
+
+    <bos> R1.cap <break> R1.img <break> <eos> <break> R2.cap <break> R2.img <break> <eos>
+          <break> Q.cap <break> Q.img <eos>                         (before the CM3 transform)
+
+The <eos> segment is what tells the model that a document ended (a <break> alone also
+separates a caption from its image); it holds no BPE or image id, so CM3 never masks it.
+CFG condition dropout drops the retrieved documents together with the query's caption: the
+unconditional form stays "<bos> <mask> <break> image <eos>", the row CFG sampling uses. A
+missing neighbour (id -1: fewer than k survived the selection rules) is left out. Without
+neighbours every function here is byte-for-byte what it was, RNG draws included.
 """
 from __future__ import annotations
 
@@ -75,18 +91,45 @@ def encode_corpus(dataset, text_tok, vq, batch: int = 512, progress: bool = True
 
 
 def build_document(caption: list[int], codes, vocab: Vocab, train: TrainConfig, data: DataConfig,
-                   rng: np.random.Generator) -> list[int]:
-    """One training sequence: <bos> CM3(segments) <eos>."""
+                   rng: np.random.Generator,
+                   retrieved: list[tuple[list[int], list[int]]] | None = None) -> list[int]:
+    """One training sequence: <bos> CM3(segments) <eos>; `retrieved` (caption ids, codes)
+    documents are prepended as the module docstring lays out."""
     image = [vocab.image_token(int(c)) for c in codes]
-    segs = [image, caption] if rng.random() < data.image_first_prob else [caption, image]
-    segs = drop_condition(segs, vocab, train.cfg_dropout, rng)
+    image_first = rng.random() < data.image_first_prob
+    segs = [image, caption] if image_first else [caption, image]
+    dropped = drop_condition(segs, vocab, train.cfg_dropout, rng)
+    if retrieved and dropped is segs:
+        segs = retrieved_segments(retrieved, vocab, image_first) + segs
+    else:
+        segs = dropped
     body = cm3_transform(join_segments(segs, vocab), vocab, rng, train.max_spans)
     return [vocab.bos] + body + [vocab.eos]
 
 
+def retrieved_segments(retrieved: list[tuple[list[int], list[int]]], vocab: Vocab,
+                       image_first: bool = False) -> list[list[int]]:
+    """Retrieved documents as segments, each closed by an <eos> segment (also the prompt
+    prefix for retrieval at generation time)."""
+    segs: list[list[int]] = []
+    for cap, codes in retrieved:
+        img = [vocab.image_token(int(c)) for c in codes]
+        segs += ([img, list(cap)] if image_first else [list(cap), img]) + [[vocab.eos]]
+    return segs
+
+
 def document_stream(corpus: EncodedCorpus, vocab: Vocab, train: TrainConfig, data: DataConfig,
-                    seed: int) -> Iterator[list[int]]:
+                    seed: int, neighbours: np.ndarray | None = None) -> Iterator[list[int]]:
+    """Endless training sequences; `neighbours` [N, k] (document ids, -1 = none) switches on
+    retrieval augmentation."""
     rng = np.random.default_rng(seed)
+    if neighbours is not None and len(neighbours) != len(corpus):
+        raise ValueError(f"neighbours cover {len(neighbours)} documents, the corpus {len(corpus)}")
     while True:
         i = int(rng.integers(len(corpus)))
-        yield build_document(corpus.captions[i], corpus.codes[i].tolist(), vocab, train, data, rng)
+        if neighbours is None:
+            yield build_document(corpus.captions[i], corpus.codes[i].tolist(), vocab, train, data, rng)
+            continue
+        retrieved = [(corpus.captions[j], corpus.codes[j].tolist()) for j in neighbours[i] if j >= 0]
+        yield build_document(corpus.captions[i], corpus.codes[i].tolist(), vocab, train, data, rng,
+                             retrieved)
