@@ -96,13 +96,14 @@ class MemoryBank:
             sample = vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)]
             index.cp.seed = seed
             index.train(sample)
-            index.nprobe = nprobe or max(1, min(nlist, nlist // 64 if nlist >= 1024 else 16))
+            # ~3% of the lists: recall@2 >= 0.9 on clustered embeddings (bench/retrieval_index.py)
+            index.nprobe = nprobe or max(1, min(nlist, max(16, nlist // 32)))
             info.update(nlist=nlist, nprobe=int(index.nprobe))
         else:
             index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = 80
-            index.hnsw.efSearch = 64
-            info.update(M=32, efConstruction=80, efSearch=64)
+            index.hnsw.efSearch = 128
+            info.update(M=32, efConstruction=80, efSearch=128)
         index.add(vectors)
         info["build_s"] = round(time.perf_counter() - t0, 3)
         bank = cls(index, ids, kind, info)
