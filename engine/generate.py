@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="text length limit")
     ap.add_argument("--n", type=int, default=1, help=f"samples to draw (1..{MAX_N})")
+    ap.add_argument("--retrieve", type=int, default=0, metavar="K",
+                    help="prepend K documents retrieved from the run's training corpus to the "
+                         "prompt (needs a run trained with --retrieve; engine/retrieval)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="PNG file to write (image outputs)")
     ap.add_argument("--device", default=None)
@@ -67,6 +70,8 @@ def check_args(args) -> None:
                          "or give --image")
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty: drop it (captioning) or write some text")
+    if args.retrieve < 0:
+        raise ValueError("--retrieve takes the number of documents K >= 0")
     if not 1 <= args.n <= MAX_N:
         raise ValueError(f"--n must be between 1 and {MAX_N}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -135,6 +140,10 @@ def main(argv=None) -> int:
         modality = output_modality(args)
         prompt = build_prompt(args)
         engine = Engine.from_run(args.run, args.device)
+        if args.retrieve:
+            from engine.retrieval.generation import RetrievalEngine
+            from engine.retrieval.online import Retriever
+            engine = RetrievalEngine(engine, Retriever.from_run(args.run), args.retrieve)
         from engine.run_artifacts import RunDir
         s = RunDir(args.run).load_config().sample
         # Guidance only acts inside image spans; text outputs default to none so captioning
