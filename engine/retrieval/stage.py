@@ -4,6 +4,7 @@ RUN/retrieval/dual_encoder.safetensors   the dual encoder (trained here)
 RUN/retrieval/recall.json                its caption -> image recall on held-out documents
 RUN/retrieval/bank.faiss, bank_ids.npy, bank.json   the memory bank over the training corpus
 RUN/retrieval/neighbours_*.npy, manifest.json       the offline pass, one shard per worker
+RUN/retrieval/lengths.json               augmented document lengths vs the context
 Each piece is skipped when its file exists, like every other stage.
 
 It ends with a length check: a retrieval-augmented document is ~(k + 1) times a plain one,
@@ -110,6 +111,7 @@ def build_retrieval(run_root: str | Path, cfg: EngineConfig, corpus, device="cpu
     timings["pass_s"] = round(time.time() - t, 1)
     neighbours = load_neighbours(rd.neighbours, len(corpus))
     lengths = check_lengths(corpus, neighbours, cfg)
+    (rd.root / "lengths.json").write_text(json.dumps(lengths) + "\n")
     log.info("retrieval: %s; lengths %s; %s", json.dumps({k: v for k, v in manifest.items()
                                                           if k not in ("ranges", "files")}),
              lengths, timings)
