@@ -114,6 +114,15 @@ def _supports(device_ok, what: str, interpreted: bool = False):
     return decode, scatter
 
 
+def _cuda_head_dims(supports):
+    """The CUDA kernel is compiled for head_dim 64/128/256 (Triton serves the others)."""
+    def decode(q, *args, **kwargs) -> str | None:
+        if q.shape[-1] not in (64, 128, 256):
+            return f"head_dim {q.shape[-1]} is not 64, 128 or 256"
+        return supports(q, *args, **kwargs)
+    return decode
+
+
 def _register_backends() -> None:
     import os
 
@@ -139,6 +148,8 @@ def _register_backends() -> None:
                     op.mark_unavailable("cuda", "engine._C was built without CUDA")
                 continue
             decode_ok, scatter_ok = _supports(ok, what)
+            if kind == "cuda":
+                decode_ok = _cuda_head_dims(decode_ok)
             paged_decode_attention.register(kind, _with_scale(native_decode), decode_ok)
             write_kv.register(kind, native_write, scatter_ok)
 
