@@ -181,8 +181,10 @@ def _tiny() -> EngineConfig:
     return EngineConfig(
         preset="tiny",
         vocab=VocabConfig(text_size=1_024, image_codes=512),
+        # VQ-VAE: ~1,000 steps reach ~30 dB PSNR and ~99% codebook use on shapes (heldout)
+        # in about 2-3 minutes on 2 CPU cores with bf16 autocast (engine.eval.vq_report).
         image=ImageConfig(image_size=32, downsample=4, channels=64, code_dim=32,
-                          train_steps=1_500, batch_size=64, lr=2e-3),
+                          train_steps=1_000, batch_size=64, lr=2e-3),
         model=ModelConfig(n_layers=4, d_model=256, n_heads=4, max_seq_len=256),
         train=TrainConfig(steps=2_400, batch_size=16, lr=2e-3, warmup_steps=100,
                           checkpoint_every=400, weight_decay=0.05),
