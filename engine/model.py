@@ -40,9 +40,13 @@ class Block(nn.Module):
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        a = ops.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
+        if cache is not None and hasattr(cache, "attend"):
+            # A paged cache attends over its blocks itself (rows of different lengths).
+            a = cache.attend(self.layer, q, k, v)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)
+            a = ops.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
         x = x + self.proj(a.transpose(1, 2).reshape(b, s, -1))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
