@@ -5,7 +5,8 @@ signature. Selection, per call:
   1. an explicit `backend=` argument,
   2. else the `ENGINE_BACKEND` environment variable: either one name for every op
      (`ENGINE_BACKEND=triton`) or per-op pairs (`ENGINE_BACKEND=attention=triton,cfg_sample=cpp`),
-  3. else `auto`: the first backend in priority order whose `supports(...)` accepts the call.
+  3. else `auto`: the first backend in priority order (cuda, triton, cpp, chunked, reference)
+     whose `supports(...)` accepts the call.
      Under TRITON_INTERPRET=1 auto never picks `triton`: the interpreter is a test vehicle for
      CPU machines, not a fast path; force it (argument or env) to run a kernel there.
 A forced backend that is missing or refuses the inputs is an error naming why; `auto` falls
@@ -20,7 +21,9 @@ from typing import Any, Callable
 
 log = logging.getLogger("engine.ops")
 
-PRIORITY = ("cuda", "triton", "cpp", "reference")
+# `chunked`: a plain-torch path that reshapes the work (e.g. blocks of rows) to bound memory;
+# slower per FLOP than a native kernel, still preferred to the reference (span_cross_entropy).
+PRIORITY = ("cuda", "triton", "cpp", "chunked", "reference")
 
 
 class BackendError(RuntimeError):
