@@ -97,7 +97,7 @@ UNCOND = [1, 2, 3]    # stands for <bos> <mask> <break>
 def _contiguous(model, prompts, n, tokens):
     from engine.inference.row_batch import RowBatch
     rows = [p for p in prompts for _ in range(n)] + [UNCOND] * (n * len(prompts))
-    batch = RowBatch(model, rows, tokens)
+    batch = RowBatch(model, rows, tokens, use_cache="contiguous")
     cache_bytes = sum(t.numel() * t.element_size() for g in batch.groups for t in g.cache.k + g.cache.v)
     logits = batch.prefill()
     for _ in range(tokens - 1):

@@ -12,7 +12,10 @@ sees the paired rows together. With per-row key lengths in ops.attention (flash-
 seqused_k) the groups would merge into one forward without any change to the decoder.
 
 `use_cache=False` recomputes each group's full sequence every step: the oracle the cached
-path is tested against.
+path is tested against. `use_cache=True` (or "paged") keeps all rows in one paged KV cache
+instead (engine/inference/paged_rows.py): ops.paged_decode_attention has per-row key lengths,
+so every step is one forward of all rows and repeated prompts share their blocks;
+"contiguous" keeps the per-group contiguous caches described above.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from collections import defaultdict
 import torch
 
 from engine.inference.kv_cache import ContiguousKVCache
+from engine.inference.paged_rows import PagedRows
 from engine.model import Transformer
 
 
@@ -34,12 +38,18 @@ class RowBatch:
     """rows: each row's prompt ids. `capacity`: tokens each row may gain."""
 
     def __init__(self, model: Transformer, rows: list[list[int]], capacity: int,
-                 use_cache: bool = True):
-        self.model, self.use_cache = model, use_cache
+                 use_cache: bool | str = True):
+        if use_cache not in (True, False, "paged", "contiguous"):
+            raise ValueError(f"use_cache must be True, False, 'paged' or 'contiguous', got {use_cache!r}")
+        self.model, self.use_cache = model, bool(use_cache)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.ids = [list(r) for r in rows]
         self.logits = torch.zeros(len(rows), model.vocab_size, device=self.device)
+        self.paged = PagedRows(model, rows, capacity) if use_cache in (True, "paged") else None
+        if self.paged is not None:
+            self.groups = []
+            return
         by_len: dict[int, list[int]] = defaultdict(list)
         for i, r in enumerate(rows):
             by_len[len(r)].append(i)
@@ -54,6 +64,9 @@ class RowBatch:
     @torch.no_grad()
     def prefill(self) -> torch.Tensor:
         """Runs every prompt; returns the fp32 logits of each row's last position [rows, V]."""
+        if self.paged is not None:
+            self.paged.prefill(self.logits)
+            return self.logits
         for g in self.groups:
             ids = torch.tensor([self.ids[r] for r in g.rows.tolist()], device=self.device)
             self._forward(g, ids)
@@ -64,6 +77,9 @@ class RowBatch:
         """Appends tokens[row] to every live row and returns the new last-position logits."""
         for r, t in tokens.items():
             self.ids[r].append(t)
+        if self.paged is not None:
+            self.paged.step(tokens, self.logits)
+            return self.logits
         for g in self.groups:
             rows = g.rows.tolist()
             if not rows:
@@ -82,6 +98,9 @@ class RowBatch:
     def drop(self, finished: set[int]) -> None:
         """Stops computing finished rows (their caches are compacted away)."""
         if not finished:
+            return
+        if self.paged is not None:
+            self.paged.drop(finished)
             return
         for g in self.groups:
             rows = g.rows.tolist()
