@@ -12,7 +12,8 @@ conditional rows (its prompt) and 4 unconditional rows ("<bos> <mask> <break>"),
 tokens per row (the CFG mix costs the same in both paths and is left out). Contiguous: the
 generation engine's RowBatch (one preallocated cache per prompt-length group, every row its
 own copy). Paged: the Scheduler over one KVPool (each request's n samples forked from one
-prefill, every sample a row of one decode forward). Peak cache memory: bytes of KV storage
+prefill, every sample a row of one decode forward), and the engine's default RowBatch over
+PagedRows (same rows as contiguous, repeated prompts forked, block 16). Peak cache memory: bytes of KV storage
 allocated (contiguous) vs the most blocks ever in use (paged). Quick mode is CPU-sized: the
 tiny preset with random weights and 16 image tokens instead of 64.
 """
@@ -105,6 +106,19 @@ def _contiguous(model, prompts, n, tokens):
     return cache_bytes
 
 
+def _engine_paged(model, prompts, n, tokens):
+    """The generation engine's default: RowBatch over PagedRows (repeated prompts forked)."""
+    from engine.inference.row_batch import RowBatch
+    rows = [p for p in prompts for _ in range(n)] + [UNCOND] * (n * len(prompts))
+    batch = RowBatch(model, rows, tokens, use_cache="paged")
+    logits = batch.prefill()
+    peak = batch.paged.pool.bytes_in_use()
+    for _ in range(tokens - 1):
+        logits = batch.step(dict(enumerate(logits.argmax(-1).tolist())))
+        peak = max(peak, batch.paged.pool.bytes_in_use())
+    return peak
+
+
 def _paged(model, prompts, n, tokens, block):
     from engine.inference.paged_cache import KVPool
     from engine.inference.scheduler import Request, Scheduler
@@ -137,7 +151,8 @@ def e2e_rows(device: str, quick: bool) -> list[Row]:
             f"({cfg.preset}{', quick CPU-sized' if quick else ''})")
     rows_per_step = 2 * n * n_requests
     out = {}
-    for impl, fn in (("contiguous", _contiguous), ("paged", lambda *a: _paged(*a, block))):
+    for impl, fn in (("contiguous", _contiguous), ("paged scheduler", lambda *a: _paged(*a, block)),
+                     ("paged engine (blk=16)", _engine_paged)):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
