@@ -121,7 +121,7 @@ class RetrievalConfig:
     embed_dim: int = 128             # the shared L2-normalised space
     width: int = 128                 # tower width
     text_layers: int = 2
-    encoder_steps: int = 1_500
+    encoder_steps: int = 800
     encoder_batch: int = 256
     encoder_lr: float = 2e-3
     index: str = "auto"              # flat (exact), ivf, hnsw, or auto (flat up to exact_max)

@@ -2,7 +2,7 @@
 
 Text tower: BPE ids -> embeddings + positions -> a small transformer encoder -> masked mean
 -> linear. Image tower: VQ codes (not pixels: the training corpus is stored as codes, and a
-code embedding already abstracts the pixels) -> embeddings on the g x g grid -> two 3x3 convs
+code embedding already abstracts the pixels) -> embeddings on the g x g grid -> a 3x3 conv
 -> adaptive pooling to 3 x 3 (the grid a caption's position words name, so "top left" stays
 visible) -> linear. One extra code id stands for a dropped code (query dropout).
 
@@ -56,8 +56,9 @@ class ImageTower(nn.Module):
         self.grid = grid
         self.dropped = image_codes           # the id of a dropped code
         self.code = nn.Embedding(image_codes + 1, width)
-        self.convs = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
-                                   nn.Conv2d(width, width, 3, padding=1), nn.GELU())
+        # One 3x3 conv keeps an encoder step cheap on CPU (a second one doubled its cost); a
+        # code embedding already describes a whole patch of pixels.
+        self.convs = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU())
         self.pool = nn.AdaptiveAvgPool2d(3)
         self.proj = nn.Linear(9 * width, embed_dim)
 
