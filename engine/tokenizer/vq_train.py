@@ -96,6 +96,13 @@ def train_vqvae(cfg: ImageConfig, codebook_size: int, dataset, steps: int | None
         # Mirror half the batch: the shapes are left-right symmetric, so this is free data.
         flip = torch.rand(cfg.batch_size, generator=gen) < 0.5
         x[flip] = x[flip].flip(-1)
+        # Permute the RGB channels of half the batch (white stays white): the train split
+        # never shows a held-out pair such as a red star, and without new hues the codes
+        # for a small star's tips exist only in other colours (red stars came back orange).
+        perm = torch.rand(cfg.batch_size, generator=gen) < 0.5
+        if perm.any():
+            order = torch.stack([torch.randperm(3, generator=gen) for _ in range(int(perm.sum()))])
+            x[perm] = torch.gather(x[perm], 1, order[:, :, None, None].expand(-1, -1, *x.shape[2:]))
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, cfg.lr)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
