@@ -65,5 +65,5 @@ def write_samples_and_eval(cfg: EngineConfig, model, text, vq, classifier, run, 
     report: dict = {"samples": str(run.samples / "heldout_captions.png")}
     if evaluate and classifier is not None:
         report["prompt_accuracy"] = evaluate_prompts(generate, classifier, seed=cfg.train.seed,
-                                                     grid_path=run.samples / "prompts.png")
+                                                     grid_dir=run.samples)
     return report
