@@ -45,9 +45,10 @@ class Request:
 
     @property
     def done(self) -> bool:
-        return bool(self.outputs) and all(self._sample_done(o) for o in self.outputs)
+        return bool(self.outputs) and all(self.sample_done(o) for o in self.outputs)
 
-    def _sample_done(self, out: list[int]) -> bool:
+    def sample_done(self, out: list[int]) -> bool:
+        """Whether one sample (its generated ids `out`) has reached its budget or eos."""
         return len(out) >= self.max_new_tokens or (self.eos is not None and bool(out) and out[-1] == self.eos)
 
 
@@ -149,7 +150,7 @@ class Scheduler:
             if r not in self.running:              # preempted by an earlier request's need
                 continue
             for seq, out in zip(self.seqs[r.id], r.outputs):
-                if r._sample_done(out) or self.pool.manager.num_tokens(seq) == len(r.prompt) + len(out):
+                if r.sample_done(out) or self.pool.manager.num_tokens(seq) == len(r.prompt) + len(out):
                     continue                        # finished, or slot already reserved
                 while self.pool.manager.append_token(seq, out[-1])[0] < 0:
                     victim = self.running[-1]
@@ -188,7 +189,7 @@ class Scheduler:
             out.append(token)
 
     def _decode(self, decoding: list[Request]) -> None:
-        rows = [(r, i) for r in decoding for i, out in enumerate(r.outputs) if not r._sample_done(out)]
+        rows = [(r, i) for r in decoding for i, out in enumerate(r.outputs) if not r.sample_done(out)]
         if not rows:
             return
         seqs = [self.seqs[r.id][i] for r, i in rows]
