@@ -47,14 +47,20 @@ def select_neighbours(cand_ids: np.ndarray, cand_scores: np.ndarray, k: int, thr
     if query is not None:
         query_caption_key = int(cap_keys[query])
         query_image_key = int(img_keys[query])
-    order = np.argsort(-np.asarray(cand_scores, dtype=np.float64), kind="stable")
+    cand_ids = np.asarray(cand_ids)
+    cand_scores = np.asarray(cand_scores, dtype=np.float64)
+    # The cheap rules first, vectorised: with a collapsed or over-confident encoder thousands
+    # of candidates sit above the threshold, and a Python loop over them dominated a pass.
+    ok = (cand_ids != MISSING) & np.isfinite(cand_scores) & (cand_scores <= threshold)
+    if query is not None:
+        ok &= cand_ids != query
+    cand_ids, cand_scores = cand_ids[ok], cand_scores[ok]
+    order = np.argsort(-cand_scores, kind="stable")
     chosen: list[int] = []
     seen_caps = {query_caption_key} - {None}
     seen_imgs = {query_image_key} - {None}
     for j in order:
-        doc, score = int(cand_ids[j]), float(cand_scores[j])
-        if doc == MISSING or doc == query or not np.isfinite(score) or score > threshold:
-            continue
+        doc = int(cand_ids[j])
         ck, ik = int(cap_keys[doc]), int(img_keys[doc])
         if ck in seen_caps or ik in seen_imgs:
             continue

@@ -110,6 +110,12 @@ def build_retrieval(run_root: str | Path, cfg: EngineConfig, corpus, device="cpu
                               cfg.train.seed, progress=progress)
     timings["pass_s"] = round(time.time() - t, 1)
     neighbours = load_neighbours(rd.neighbours, len(corpus))
+    full = float((neighbours >= 0).all(1).mean())
+    if full < 0.5:
+        log.warning("retrieval: only %.0f%% of documents got %d neighbours under the selection "
+                    "rules (threshold %.2f): the encoder may be undertrained (raise "
+                    "retrieval.encoder_steps) or the corpus mostly near-duplicates",
+                    100 * full, r.k, r.dedup_threshold)
     lengths = check_lengths(corpus, neighbours, cfg)
     (rd.root / "lengths.json").write_text(json.dumps(lengths) + "\n")
     log.info("retrieval: %s; lengths %s; %s", json.dumps({k: v for k, v in manifest.items()
