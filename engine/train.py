@@ -15,7 +15,6 @@ prompt accuracy.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys

@@ -16,7 +16,6 @@ seeded by (seed, shard), so a pass is deterministic for a seed. The search start
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine.config import EngineConfig
 from engine.retrieval.dual_encoder import DualEncoder

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.inference import MASK, Engine, GenerationResult, SamplingParams
+from engine.inference import Engine, GenerationResult, SamplingParams
 from engine.inference.image_generation import SamplingSettings, generate_image_codes
 from engine.inference.params import MAX_N
 

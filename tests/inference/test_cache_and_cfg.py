@@ -104,7 +104,7 @@ def test_three_way_editing_mix_equals_hand_mix(engine):
 
 
 def test_cd_k_greedy_equals_hand_contrast(engine):
-    v, tpi = engine.vocab, engine.tokens_per_image
+    v = engine.vocab
     params = SamplingParams(temperature=0, cd_k=(0.1, 8))
     [r] = engine.generate(["a red circle"], params)
     cond, uncond = engine.prepare("a red circle", params).cond, [v.bos, v.mask, v.brk]

@@ -1,7 +1,6 @@
 """Modality constraints: unit cases on the state machine, then fuzzing through the engine."""
 from __future__ import annotations
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image

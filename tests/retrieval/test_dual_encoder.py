@@ -1,6 +1,5 @@
 """The dual encoder: normalised embeddings, document averaging, recall on the synthetic
 concepts, the re-ranker score(), save/load."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
