@@ -58,6 +58,11 @@ class ModelConfig:
     norm_affine: bool = False        # the paper's LayerNorm has no learnable parameters
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # "learned": absolute position embeddings (OPT, the paper); "rope": rotary embeddings on
+    # q and k, so attention sees relative offsets (e.g. "one image row up" is the same offset
+    # whatever the caption length before the image).
+    position: str = "learned"
+    rope_theta: float = 10_000.0
 
     @property
     def head_dim(self) -> int:

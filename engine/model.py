@@ -1,8 +1,8 @@
 """The decoder-only transformer over the mixed text/image vocabulary (OPT-like blocks).
 
 Pre-LayerNorm blocks without biases or dropout; LayerNorm affine parameters are optional
-(the paper has none); learned absolute positions that restart at every packed document;
-grouped-query attention when n_kv_heads < n_heads. Attention and the loss go through
+(the paper has none); positions restart at every packed document and enter either as learned
+absolute embeddings (the paper) or as rotary embeddings on q and k; grouped-query attention when n_kv_heads < n_heads. Attention and the loss go through
 engine.ops only, so their fast backends plug in without touching this file.
 """
 from __future__ import annotations
@@ -16,6 +16,25 @@ import torch.nn.functional as F
 from engine import ops
 from engine.config import ModelConfig
 from engine.inference.kv_cache import KVCache
+
+
+POSITION_KINDS = ("learned", "rope")
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B or 1, 1, S, head_dim / 2] (fp32) for the given positions [B or 1, S]."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device,
+                                       dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i + d/2}) of x [B, H, S, d] by the position's angles ("rotate
+    half" layout), in fp32 so that bf16 activations do not lose the phase."""
+    half = x.shape[-1] // 2
+    x1, x2 = x.float().split(half, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class Block(nn.Module):
@@ -32,7 +51,7 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(d, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, d, bias=False)
 
-    def forward(self, x, cu_seqlens=None, cache: KVCache | None = None):
+    def forward(self, x, cu_seqlens=None, cache: KVCache | None = None, rope=None):
         b, s, _ = x.shape
         qkv = self.qkv(self.ln1(x))
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
@@ -40,6 +59,10 @@ class Block(nn.Module):
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            # Keys are rotated before they enter a cache: a key's angle depends only on its
+            # own position, so cached keys stay valid as the sequence grows.
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None and hasattr(cache, "attend"):
             # A paged cache attends over its blocks itself (rows of different lengths).
             a = cache.attend(self.layer, q, k, v)
@@ -55,8 +78,13 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
+        if cfg.position not in POSITION_KINDS:
+            raise ValueError(f"unknown model.position {cfg.position!r}; choose one of: "
+                             f"{', '.join(POSITION_KINDS)}")
+        if cfg.position == "rope" and cfg.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head dimension (got {cfg.head_dim})")
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, elementwise_affine=cfg.norm_affine, bias=False)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -83,9 +111,14 @@ class Transformer(nn.Module):
         if int(positions.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds the context "
                              f"length {self.cfg.max_seq_len}")
-        x = self.tok_emb(ids) + self.pos_emb(positions)
+        x = self.tok_emb(ids)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         for block in self.blocks:
-            x = block(x, cu_seqlens=cu_seqlens, cache=cache)
+            x = block(x, cu_seqlens=cu_seqlens, cache=cache, rope=rope)
         if cache is not None:
             cache.advance(ids.shape[1])
         return self.ln_f(x)

@@ -37,9 +37,10 @@ def test_two_layer_slice_of_7b_runs_a_forward_with_full_vocab():
     assert logits.shape == (1, 16, 64_512) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("position", ["learned", "rope"])
 @pytest.mark.parametrize("kv_heads", [None, 2])
-def test_cached_decode_equals_full_forward(kv_heads):
-    model = tiny_model(n_kv_heads=kv_heads)
+def test_cached_decode_equals_full_forward(kv_heads, position):
+    model = tiny_model(n_kv_heads=kv_heads, position=position)
     ids = torch.randint(0, 300, (3, 20))
     with torch.no_grad():
         full = model(ids)
@@ -51,8 +52,9 @@ def test_cached_decode_equals_full_forward(kv_heads):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
 
 
-def test_packed_documents_do_not_see_each_other():
-    model = tiny_model()
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_packed_documents_do_not_see_each_other(position):
+    model = tiny_model(position=position)
     a, b = torch.randint(0, 300, (1, 10)), torch.randint(0, 300, (1, 6))
     packed = torch.cat([a, b], 1)
     positions = torch.cat([torch.arange(10), torch.arange(6)])[None]
@@ -61,6 +63,25 @@ def test_packed_documents_do_not_see_each_other():
         h = model(packed, positions=positions, cu_seqlens=cu)
         torch.testing.assert_close(h[:, :10], model(a), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(h[:, 10:], model(b), atol=1e-5, rtol=1e-4)
+
+
+def test_rope_attention_depends_on_offsets_only():
+    # Shifting every position of a document by the same amount changes nothing under rope.
+    model = tiny_model(position="rope")
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        base = model(ids, positions=torch.arange(12)[None])
+        shifted = model(ids, positions=torch.arange(30, 42)[None])
+    torch.testing.assert_close(shifted, base, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():   # while learned positions see the shift
+        learned = tiny_model()
+        assert not torch.allclose(learned(ids, positions=torch.arange(12)[None]),
+                                  learned(ids, positions=torch.arange(30, 42)[None]), atol=1e-3)
+
+
+def test_unknown_position_kind_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model.position 'alibi'"):
+        tiny_model(position="alibi")
 
 
 def test_context_overflow_is_a_clear_error():

@@ -17,10 +17,12 @@ from engine.model import Transformer
 VOCAB = 300
 
 
-def tiny_model(n_kv_heads: int | None = None, seed: int = 0, max_seq_len: int = 128) -> Transformer:
+def tiny_model(n_kv_heads: int | None = None, seed: int = 0, max_seq_len: int = 128,
+               position: str = "learned") -> Transformer:
     """The tiny preset shrunk to 2 layers of width 64; sharp logits so greedy has no near-ties."""
     cfg = dataclasses.replace(get_preset("tiny").model, n_layers=2, d_model=64, n_heads=4,
-                              n_kv_heads=n_kv_heads, max_seq_len=max_seq_len, tie_embeddings=False)
+                              n_kv_heads=n_kv_heads, max_seq_len=max_seq_len, tie_embeddings=False,
+                              position=position)
     torch.manual_seed(seed)
     model = Transformer(cfg, VOCAB).eval()
     with torch.no_grad():
@@ -65,10 +67,11 @@ def greedy_paged(model: Transformer, prompts: list[list[int]], new_tokens: int, 
     return outs
 
 
+@pytest.mark.parametrize("position", ["learned", "rope"])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
-def test_greedy_paged_equals_contiguous(block_size, n_kv_heads):
-    model = tiny_model(n_kv_heads)
+def test_greedy_paged_equals_contiguous(block_size, n_kv_heads, position):
+    model = tiny_model(n_kv_heads, position=position)
     g = torch.Generator().manual_seed(block_size)
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (1, 9, 17, 40)]
     got = greedy_paged(model, prompts, 12, block_size)
