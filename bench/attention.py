@@ -13,6 +13,11 @@ reported when the device's peak is known.
 On CPU: the reference against plain SDPA (is_causal, no mask tensor) at small sizes. The
 Triton rows are skipped, and the case names say so: the interpreter that runs them on CPU is
 a test vehicle, orders of magnitude slower, not a speed path.
+
+Also on CPU: the tiny preset's training shape (b=16 rows of s=256, h=4, d=64, bf16, three
+packed documents of 70-85 tokens a row plus a padding tail, causal), `reference` against the
+`cpp` backend (csrc/cpu/attention.cpp), forward and forward+backward, on 2 threads as the
+trainer runs (the device name gives the thread count).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import Row, device_name, peak_memory_mb, time_fn
-from engine.ops.attention import reference
+from engine.ops.attention import attention, reference
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}   # dense bf16 tensor-core peak, by name
 
@@ -119,7 +124,56 @@ def run(quick: bool) -> list[Row]:
     if device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        return [row for b, h, s, d, causal in cases
+        rows = [row for b, h, s, d, causal in cases
                 for row in bench_case(b, h, s, d, causal, device, dtype, note)]
     finally:
         torch.set_num_threads(threads)
+    if device.type == "cpu":
+        for n in (2,) if quick else (1, 2):
+            rows += training_case(n, quick)
+    return rows
+
+
+def packed_rows(b: int, s: int, lo: int = 70, hi: int = 85, per_row: int = 3,
+                seed: int = 0) -> torch.Tensor:
+    """cu_seqlens for rows of `per_row` documents of lo..hi tokens and a padding tail."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = []
+    for _ in range(b):
+        row = torch.randint(lo, hi + 1, (per_row,), generator=gen).tolist()
+        lengths += row + ([s - sum(row)] if sum(row) < s else [])
+    return torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+
+
+def training_case(threads: int, quick: bool) -> list[Row]:
+    b, h, s, d = 16, 4, 256, 64
+    impls = [n for n in ("reference", "cpp") if n in attention.backends]
+    if "cpp" not in impls:
+        print("  skip cpp training rows: engine._C has no attention op")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        cu = packed_rows(b, s)
+        q, k, v = (torch.randn(b, h, s, d, generator=gen).bfloat16().requires_grad_()
+                   for _ in range(3))
+        grad_out = torch.randn(b, h, s, d, generator=gen).bfloat16()
+        dev = device_name("cpu")
+        reps = dict(reps=5 if quick else 20, min_time_s=0.2 if quick else 1.0)
+        timed = {}
+        for name in impls:
+            def fwd(name=name):
+                with torch.no_grad():
+                    return attention(q, k, v, causal=True, cu_seqlens=cu, backend=name)
+
+            def fwd_bwd(name=name):
+                out = attention(q, k, v, causal=True, cu_seqlens=cu, backend=name)
+                return torch.autograd.grad(out, (q, k, v), grad_out)
+
+            timed[(name, "fwd")] = time_fn(fwd, "cpu", **reps)
+            timed[(name, "fwd+bwd")] = time_fn(fwd_bwd, "cpu", **reps)
+    finally:
+        torch.set_num_threads(saved)
+    case = f"b={b} h={h} s={s} d={d} causal bf16 docs 70-85 x3/row (tiny train)"
+    return [Row("attention", f"{kind} {case}", name, ms, ratio=timed[("reference", kind)] / ms,
+                device=dev) for (name, kind), ms in timed.items()]
