@@ -213,6 +213,7 @@ std::vector<Task> make_tasks(const AttentionShape& sh, const std::vector<Doc>& d
         cost = (a * a - b * b) / 2;
       }
       for (int64_t hk = 0; hk < sh.kv_heads; ++hk)
+        // + staging: each task converts its keys (and the forward its key prefix) to fp32.
         tasks.push_back({i, hk, lo, hi, step < len, cost + 16.0 * len});
     }
   }
@@ -505,7 +506,7 @@ void attention_backward(const AttentionBwdArgs& a) {
   // an fp32 buffer converted afterwards. Only their rows are zeroed and converted.
   std::vector<int64_t> split_docs;
   for (const Task& t : tasks)
-    if (t.split && t.hk == 0 && (split_docs.empty() || split_docs.back() != t.doc)) split_docs.push_back(t.doc);
+    if (t.split) split_docs.push_back(t.doc);
   std::sort(split_docs.begin(), split_docs.end());
   split_docs.erase(std::unique(split_docs.begin(), split_docs.end()), split_docs.end());
   const int64_t d = sh.head_dim;
