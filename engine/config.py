@@ -182,9 +182,12 @@ _SECTIONS = {"vocab": VocabConfig, "image": ImageConfig, "model": ModelConfig,
 
 
 def _tiny() -> EngineConfig:
-    # CPU-sized: 32x32 images as 8x8 = 64 codes from a 512-entry codebook, ~3.6M parameters.
-    # 1,300 model steps (~5.3M tokens at ~8.5k tokens/s on the 2-core AMD EPYC dev machine)
-    # keep the whole default run inside 15 minutes there; 2,400 steps took 19 minutes.
+    # CPU-sized: 32x32 images as 8x8 = 64 codes from a 512-entry codebook, ~3.5M parameters.
+    # Measured on the 2-core AMD EPYC dev machine (bench/results/tiny_default_run_*.json):
+    # rotary positions beat learned ones (an image row is always 8 tokens up, whatever the
+    # caption length); 8-row batches with twice the updates beat 16-row ones at equal tokens;
+    # 3,000 steps (~6.1M tokens at ~11.7k tokens/s with the C++ attention) keep the whole
+    # default run inside 15 minutes.
     return EngineConfig(
         preset="tiny",
         vocab=VocabConfig(text_size=1_024, image_codes=512),
@@ -192,10 +195,10 @@ def _tiny() -> EngineConfig:
         # in about 2-3 minutes on 2 CPU cores with bf16 autocast (engine.eval.vq_report).
         image=ImageConfig(image_size=32, downsample=4, channels=64, code_dim=32,
                           train_steps=1_000, batch_size=64, lr=2e-3),
-        model=ModelConfig(n_layers=4, d_model=256, n_heads=4, max_seq_len=256),
-        train=TrainConfig(steps=1_300, batch_size=16, lr=2e-3, warmup_steps=100,
-                          checkpoint_every=400, weight_decay=0.05),
-        data=DataConfig(train_size=40_000),
+        model=ModelConfig(n_layers=4, d_model=256, n_heads=4, max_seq_len=256, position="rope"),
+        train=TrainConfig(steps=3_000, batch_size=8, lr=1.5e-3, warmup_steps=200,
+                          checkpoint_every=1_000, weight_decay=0.05),
+        data=DataConfig(train_size=60_000),
     )
 
 
@@ -205,7 +208,7 @@ def _small() -> EngineConfig:
     cfg.vocab = VocabConfig(text_size=4_096, image_codes=1_024)
     cfg.image = ImageConfig(image_size=64, downsample=8, channels=96, code_dim=32,
                             train_steps=3_000)
-    cfg.model = ModelConfig(n_layers=8, d_model=512, n_heads=8, max_seq_len=512)
+    cfg.model = ModelConfig(n_layers=8, d_model=512, n_heads=8, max_seq_len=512, position="rope")
     cfg.train = TrainConfig(steps=5_000, batch_size=16, lr=1e-3, warmup_steps=300)
     return cfg
 

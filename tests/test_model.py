@@ -74,7 +74,7 @@ def test_rope_attention_depends_on_offsets_only():
         shifted = model(ids, positions=torch.arange(30, 42)[None])
     torch.testing.assert_close(shifted, base, atol=1e-5, rtol=1e-4)
     with torch.no_grad():   # while learned positions see the shift
-        learned = tiny_model()
+        learned = tiny_model(position="learned")
         assert not torch.allclose(learned(ids, positions=torch.arange(12)[None]),
                                   learned(ids, positions=torch.arange(30, 42)[None]), atol=1e-3)
 

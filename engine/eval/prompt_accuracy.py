@@ -18,6 +18,7 @@ from engine.eval.colour import dominant_colour
 from engine.eval.shape_classifier import ShapeClassifier
 
 Generate = Callable[[list[str], float], list[Image.Image]]
+GRID_DRAWS = 4        # draws per pair shown in grid_cfg<scale>.png
 
 
 def prompt_for(colour: str, shape: str) -> str:
@@ -50,9 +51,12 @@ def evaluate_prompts(generate: Generate, classifier: ShapeClassifier,
         report[f"cfg_{scale:g}"] = _score(targets, colours, shapes)
         if grid_dir is not None:
             Path(grid_dir).mkdir(parents=True, exist_ok=True)
-            labels = [f"{p}\n-> {c or 'blank'} {s}" for p, c, s in zip(prompts, colours, shapes)]
-            save_prompt_grid(images, labels, Path(grid_dir) / f"grid_cfg{scale:g}.png",
-                             columns=samples_per_pair * 4)
+            # At most GRID_DRAWS draws per pair: a picture to look at, not the whole sample.
+            shown = [i for i in range(len(prompts)) if i % samples_per_pair < GRID_DRAWS]
+            labels = [f"{prompts[i]}\n-> {colours[i] or 'blank'} {shapes[i]}" for i in shown]
+            save_prompt_grid([images[i] for i in shown], labels,
+                             Path(grid_dir) / f"grid_cfg{scale:g}.png",
+                             columns=min(samples_per_pair, GRID_DRAWS) * 4)
     return report
 
 
