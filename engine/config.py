@@ -114,8 +114,9 @@ class RetrievalConfig:
     """Retrieval-augmented pretraining (engine/retrieval): a dual encoder, a FAISS memory bank
     over the training corpus, and k neighbours prepended to each training document.
 
-    Off by default until the ablation (scripts/retrieval_ablation.py) says it pays at this
-    scale. A retrieval run needs model.max_seq_len to hold k + 1 documents (tiny: ~240 of
+    Off by default: in the ablation (scripts/retrieval_ablation.py, bench/results/
+    retrieval_ablation_*.json) it pays at a third of the tiny budget but not at the full one,
+    and a step costs ~3x (the neighbours' tokens). A retrieval run needs model.max_seq_len to hold k + 1 documents (tiny: ~240 of
     256 tokens for k = 2, so use 384).
     """
     enabled: bool = False
