@@ -16,7 +16,7 @@ a test vehicle, orders of magnitude slower, not a speed path.
 
 Also on CPU: the tiny preset's training shape (b=16 rows of s=256, h=4, d=64, bf16, three
 packed documents of 70-85 tokens a row plus a padding tail, causal), `reference` against the
-`cpp` backend (csrc/cpu/attention.cpp), forward and forward+backward, on 2 threads as the
+`cpp` backend (csrc/cpu/attention*.cpp), forward and forward+backward, on 2 threads as the
 trainer runs (the device name gives the thread count).
 """
 from __future__ import annotations

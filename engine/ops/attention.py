@@ -10,7 +10,7 @@ token attends only to tokens of its own document. Every row boundary (multiples 
 be a document boundary, so documents never cross rows. This is flash-attention's varlen
 convention applied to our [B, H, S, d] rows.
 
-Backends: `triton` (kernels/flash_attention.py, CUDA) and `cpp` (csrc/cpu/attention.cpp:
+Backends: `triton` (kernels/flash_attention.py, CUDA) and `cpp` (csrc/cpu/attention*.cpp:
 OpenMP, fp32 or bf16, Sq == Sk only, so training and prefill; decode falls back). `cpp` only
 computes the causal triangle inside each document, where the reference masks full rows.
 """
@@ -101,7 +101,7 @@ else:
     attention.register("triton", _triton, _triton_supports)
 
 
-# ---- cpp: csrc/cpu/attention.cpp through engine._C -----------------------------------------
+# ---- cpp: csrc/cpu/attention*.cpp through engine._C ----------------------------------------
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 

@@ -1,4 +1,4 @@
-"""The C++ attention backend (csrc/cpu/attention.cpp) against the SDPA reference.
+"""The C++ attention backend (csrc/cpu/attention*.cpp) against the SDPA reference.
 
 fp32: output and the three gradients must match the reference to fp32 round-off.
 bf16: inputs are drawn in bf16; the oracle is the reference in fp32 on the same (upcast)
@@ -18,6 +18,7 @@ import torch
 from engine.ops.attention import attention, reference
 from engine.ops.dispatch import BackendError
 from tests.conftest import needs_native
+from tests.ops.attention_cases import VOCAB, forward_backward, packed_batch
 
 pytestmark = needs_native
 
@@ -37,14 +38,6 @@ def make_qkv(b, hq, hkv, s, d, dtype, layout="contiguous"):
         q = torch.randn(b, hq, s, 2 * d)[..., ::2]
         k, v = torch.randn(b, hkv, s, 2 * d)[..., 1::2], torch.randn(b, hkv, s, 2 * d)[..., ::2]
     return [x.to(dtype).requires_grad_() for x in (q, k, v)]
-
-
-def forward_backward(fn, q, k, v, grad_out, upcast=False, **kw):
-    if upcast:
-        q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
-        grad_out = grad_out.float()
-    out = fn(q, k, v, **kw)
-    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
 
 
 def cpp(q, k, v, **kw):
@@ -222,22 +215,6 @@ def test_autocast_casts_like_the_reference():
 
 
 # ---- the model's training step ------------------------------------------------------------
-VOCAB = 300
-DOCS = [[20, 1, 43], [64]]   # two packed rows of 64 tokens, one single-token document
-
-
-def packed_batch():
-    g = torch.Generator().manual_seed(1)
-    seq = sum(DOCS[0])
-    ids = torch.randint(0, VOCAB, (len(DOCS), seq), generator=g)
-    lengths = [n for row in DOCS for n in row]
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    positions = torch.cat([torch.arange(n) for n in lengths]).view(len(DOCS), seq)
-    targets = torch.full_like(ids, -100)
-    flat_ids, flat_t = ids.view(-1), targets.view(-1)
-    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        flat_t[start:end - 1] = flat_ids[start + 1:end]
-    return ids, positions, cu, targets
 
 
 def loss_and_grads(backend, monkeypatch, **model_kw):

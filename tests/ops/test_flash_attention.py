@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 from engine.ops.attention import attention, build_mask, reference  # noqa: E402
 from engine.ops.dispatch import BackendError  # noqa: E402
 from kernels import flash_attention as fa  # noqa: E402
+from tests.ops.attention_cases import forward_backward  # noqa: E402
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -39,14 +40,6 @@ def make_qkv(b, hq, hkv, sq, sk, d, dtype, device, layout="contiguous"):
         q = torch.randn(b, hq, sq, 2 * d, device=device)[..., ::2]
         k, v = (torch.randn(b, hkv, sk, 2 * d, device=device)[..., 1::2] for _ in range(2))
     return [x.to(dtype).requires_grad_() for x in (q, k, v)]
-
-
-def forward_backward(fn, q, k, v, grad_out, upcast=False, **kw):
-    if upcast:
-        q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
-        grad_out = grad_out.float()
-    out = fn(q, k, v, **kw)
-    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
 
 
 def check(b, hq, hkv, sq, sk, d, causal, dtype, device="cpu", cu_seqlens=None, layout="contiguous"):

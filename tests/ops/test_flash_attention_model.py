@@ -17,24 +17,7 @@ pytest.importorskip("triton")
 from engine.config import get_preset  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from engine.ops.attention import attention  # noqa: E402
-
-VOCAB = 300
-DOCS = [[20, 1, 43], [64]]   # two packed rows of 64 tokens, one single-token document
-
-
-def packed_batch(device):
-    g = torch.Generator().manual_seed(1)
-    seq = sum(DOCS[0])
-    ids = torch.randint(0, VOCAB, (len(DOCS), seq), generator=g)
-    lengths = [n for row in DOCS for n in row]
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    positions = torch.cat([torch.arange(n) for n in lengths]).view(len(DOCS), seq)
-    # Next-token targets inside each document; a document's last token has none.
-    targets = torch.full_like(ids, -100)
-    flat_ids, flat_t = ids.view(-1), targets.view(-1)
-    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        flat_t[start:end - 1] = flat_ids[start + 1:end]
-    return ids.to(device), positions.to(device), cu.to(device), targets.to(device)
+from tests.ops.attention_cases import VOCAB, packed_batch  # noqa: E402
 
 
 def train_losses(backend: str, monkeypatch, steps: int = 4) -> list[float]:
