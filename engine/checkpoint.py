@@ -1,6 +1,8 @@
 """Checkpoints: safetensors written atomically, verified on load, never unpickled.
 
-Layout: RUN/checkpoints/step_00001200/{model.safetensors, optim.safetensors, state.json}.
+Layout: RUN/checkpoints/step_00001200/{model.safetensors, optim.safetensors, state.json}, plus
+average.safetensors when training keeps an EMA of the weights (engine/weight_average.py): the
+weights inference loads by default.
 A checkpoint is written into a hidden temporary folder and renamed into place in one step,
 so a crash leaves either the whole checkpoint or none of it. state.json records the sha256
 of each tensor file; a truncated or altered file is reported as corrupt by name.
@@ -16,6 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+
+AVERAGE_FILE = "average.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -51,7 +56,9 @@ def _optim_tensors(optim: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optim, extra: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optim, extra: dict, keep: int = 2,
+                    average=None) -> Path:
+    """`average`: a WeightAverage whose weights are saved alongside (average.safetensors)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -61,8 +68,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optim, extra: dict, keep: i
     save_file(_model_tensors(model), str(tmp / "model.safetensors"))
     optim_tensors, optim_meta = _optim_tensors(optim)
     save_file(optim_tensors, str(tmp / "optim.safetensors"))
-    state = {"step": step, "optim": optim_meta, **extra,
-             "sha256": {f: _sha256(tmp / f) for f in ("model.safetensors", "optim.safetensors")}}
+    files = ["model.safetensors", "optim.safetensors"]
+    state = {"step": step, "optim": optim_meta, **extra}
+    if average is not None:
+        save_file(average.tensors(), str(tmp / AVERAGE_FILE))
+        files.append(AVERAGE_FILE)
+        state["average"] = {"decay": average.decay, "updates": average.updates}
+    state["sha256"] = {f: _sha256(tmp / f) for f in files}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     with open(tmp / "state.json") as f:
         os.fsync(f.fileno())
@@ -110,15 +122,35 @@ def read_state(path: Path) -> dict:
                               "that folder to use the one before it") from exc
 
 
-def load_model_weights(path: Path, model: torch.nn.Module) -> dict:
+def load_model_weights(path: Path, model: torch.nn.Module, averaged: bool = False) -> dict:
+    """Load the step's weights, or with `averaged` the EMA weights where the checkpoint has
+    them (a run trained without an average has only the step's)."""
     state = read_state(path)
     tensors = _verified(Path(path), "model.safetensors", state)
+    if averaged and "average" in state:
+        average = _verified(Path(path), AVERAGE_FILE, state)
+        unknown = set(average) - set(tensors)
+        if unknown:
+            raise CheckpointError(f"checkpoint {path}: the weight average names tensors the model "
+                                  f"does not have: {sorted(unknown)}")
+        tensors.update(average)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {n for n in missing if n == "lm_head.weight" and getattr(model.cfg, "tie_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model (missing "
                               f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
     return state
+
+
+def load_average(path: Path, average, state: dict) -> None:
+    """Restore a WeightAverage from a checkpoint (resume)."""
+    if "average" not in state:
+        raise CheckpointError(f"checkpoint {path} has no weight average; resume it with "
+                              "--set train.ema_decay=0, or start the run afresh")
+    try:
+        average.load(_verified(Path(path), AVERAGE_FILE, state), state["average"]["updates"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from exc
 
 
 def load_optimizer(path: Path, optim: torch.optim.Optimizer, state: dict) -> None:

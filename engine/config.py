@@ -89,6 +89,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     autocast_bf16: bool = True       # used only where the CPU/GPU supports bf16 well
+    ema_decay: float = 0.0           # > 0: keep an EMA of the weights; inference uses it
 
 
 @dataclass

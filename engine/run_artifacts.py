@@ -86,7 +86,8 @@ def build_classifier(run: RunDir, cfg: EngineConfig, progress: bool = True):
 
 
 def load_for_inference(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(config, model in eval mode, DocumentTokenizer) from a finished or running run."""
+    """(config, model in eval mode, DocumentTokenizer) from a finished or running run; the
+    model holds the latest checkpoint's EMA weights where training kept them."""
     from engine.model import Transformer
     from engine.tokenizer.vqvae import VQVAE
     run = RunDir(run_dir)
@@ -99,7 +100,7 @@ def load_for_inference(run_dir: str | Path, device: str | torch.device = "cpu"):
     text = TextTokenizer.load(run.bpe, vocab)
     vq = VQVAE.load(run.vqvae, cfg.image, cfg.vocab.image_codes).eval()
     model = Transformer(cfg.model, vocab.size)
-    load_model_weights(latest_checkpoint(run.root), model)
+    load_model_weights(latest_checkpoint(run.root), model, averaged=True)
     model.to(device).eval()
     tok = DocumentTokenizer(vocab, text, vq, cfg.image.tokens_per_image)
     return cfg, model, tok

@@ -1,9 +1,11 @@
-"""The model training loop: AdamW, warmup + cosine, clipping, bf16 autocast, checkpoints.
+"""The model training loop: AdamW, warmup + cosine, clipping, bf16 autocast, an EMA of the
+weights, checkpoints.
 
 Progress shows loss, tokens/s and the ETA; every `log_every` steps a line goes to
 metrics.jsonl; every `checkpoint_every` steps (and at the end) a checkpoint is written
 atomically. Resuming restores model, optimizer and step; the data stream is reseeded from
-(seed, step) so a resumed run sees fresh documents rather than a replay.
+(seed, step) so a resumed run sees fresh documents rather than a replay. With
+`ema_decay` > 0 the model leaves training holding the EMA weights, the ones inference uses.
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights, load_optimizer, save_checkpoint
+from engine.checkpoint import (latest_checkpoint, list_checkpoints, load_average, load_model_weights,
+                               load_optimizer, save_checkpoint)
 from engine.config import TrainConfig
 from engine.data.packing import Packer
 from engine.model import Transformer
+from engine.weight_average import WeightAverage
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -59,13 +63,18 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
     """stream_factory(seed) -> iterator of token lists. Returns the metrics records."""
     model.to(device).train()
     optim = make_optimizer(model, cfg)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if resume and list_checkpoints(run_dir):
         ckpt = latest_checkpoint(run_dir)
         state = load_model_weights(ckpt, model)
         load_optimizer(ckpt, optim, state)
+        if average is not None:
+            load_average(ckpt, average, state)
         start = state["step"]
     if start >= cfg.steps:
+        if average is not None:
+            average.copy_to(model)
         return _read_metrics(run_dir)
     _truncate_metrics(run_dir, start)   # drop lines logged after the checkpoint we resume from
     packer = Packer(stream_factory(cfg.seed * 1_000_003 + start), vocab, model.cfg.max_seq_len)
@@ -90,6 +99,8 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optim.step()
             optim.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update()
             tokens_seen += batch.ids.numel()
             loss_acc += loss.item()
             n_acc += 1
@@ -103,7 +114,10 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
                 metrics_f.flush()
                 loss_acc, n_acc = 0.0, 0
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(run_dir, done, model, optim, {"tokens_per_s": rate})
+                save_checkpoint(run_dir, done, model, optim, {"tokens_per_s": rate},
+                                average=average)
+        if average is not None:
+            average.copy_to(model)
     finally:
         metrics_f.close()
         bar.close()
