@@ -16,7 +16,7 @@ _NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32) / 255.0   # [K, 3]
 _WHITE = np.ones(3, dtype=np.float32)
 # A pixel counts as ink when it is this far (RGB, [0, 1] units) from white; the closest
-# palette colour to white (yellow) is ~1.0 away, so edges blended >= 25% still count.
+# palette colour to white (pink) is ~0.82 away, so edges blended >= 30% still count.
 _INK_DISTANCE = 0.25
 # Fewer ink pixels than this fraction of the image: the image is (almost) blank.
 _BLANK_FRACTION = 0.004

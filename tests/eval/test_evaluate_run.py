@@ -1,6 +1,7 @@
 import json
 
 from conftest_runs import make_untrained_run
+from engine.data.shapes import ALL_PAIRS
 from engine.eval import evaluate_run
 
 
@@ -11,7 +12,7 @@ def test_evaluates_a_run_and_writes_json(tmp_path):
                             "--cfg", "3", "--json", str(out), "--grids", str(tmp_path / "g")])
     assert rc == 0
     report = json.loads(out.read_text())
-    assert report["samples_per_pair"] == 1 and report["pairs"] == 24
+    assert report["samples_per_pair"] == 1 and report["pairs"] == len(ALL_PAIRS)
     assert set(report["cfg_3"]) == {"colour", "colour_heldout", "colour_shape",
                                     "colour_shape_heldout", "blank"}
     assert (tmp_path / "g" / "grid_cfg3.png").is_file()

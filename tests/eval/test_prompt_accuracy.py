@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.data.shapes import HELD_OUT, render_object
+from engine.data.shapes import ALL_PAIRS, HELD_OUT, render_object
 from engine.eval.prompt_accuracy import evaluate_prompts, save_prompt_grid
 
 
@@ -37,7 +37,7 @@ def test_heldout_failures_show_up_only_in_heldout_scores():
     r = evaluate_prompts(_renderer(True), _FakeClassifier(), cfg_scales=(2.0,),
                          samples_per_pair=2)["cfg_2"]
     assert r["colour_heldout"] == 0.0 and r["colour_shape_heldout"] == 0.0
-    assert r["colour"] == pytest.approx(1 - len(HELD_OUT) / 24, abs=1e-3)
+    assert r["colour"] == pytest.approx(1 - len(HELD_OUT) / len(ALL_PAIRS), abs=1e-3)
 
 
 def test_grid_is_a_readable_png(tmp_path):
