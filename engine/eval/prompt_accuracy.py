@@ -76,6 +76,37 @@ def _score(targets, colours, shapes) -> dict:
     }
 
 
+def fit_label(label: str, width_of, width: float, max_lines: int = 2) -> str:
+    """`label` word-wrapped to lines no wider than `width` (as `width_of` measures them), at
+    most `max_lines` of them, the last cut with an ellipsis: a long caption must not run into
+    the next tile's label."""
+    lines: list[str] = []
+    for paragraph in label.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and width_of(candidate) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = _ellipsis(lines[-1] + "…", width_of, width)
+    return "\n".join(_ellipsis(line, width_of, width) for line in lines)
+
+
+def _ellipsis(line: str, width_of, width: float) -> str:
+    """`line` itself if it fits, else its longest prefix that fits with "…" after it."""
+    if width_of(line) <= width:
+        return line
+    line = line.rstrip("…")
+    while line and width_of(line + "…") > width:
+        line = line[:-1]
+    return line + "…"
+
+
 def save_prompt_grid(images: list[Image.Image], labels: list[str], path: str | Path,
                      columns: int = 8, scale: int = 4) -> Path:
     """A PNG grid: each image upscaled `scale`x (nearest, so pixels stay visible) with its
@@ -100,7 +131,8 @@ def save_prompt_grid(images: list[Image.Image], labels: list[str], path: str | P
         x, y = pad + c * (cell_w + pad), pad + r * (ch + label_h + pad)
         grid.paste(im.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST),
                    (x + (cell_w - cw) // 2, y))
-        draw.multiline_text((x + 2, y + ch + 2), label, fill=(0, 0, 0), font=font, spacing=1)
+        text = fit_label(label, lambda t: draw.textlength(t, font=font), cell_w - 4)
+        draw.multiline_text((x + 2, y + ch + 2), text, fill=(0, 0, 0), font=font, spacing=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")

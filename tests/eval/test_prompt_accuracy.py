@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from engine.data.shapes import ALL_PAIRS, HELD_OUT, render_object
-from engine.eval.prompt_accuracy import evaluate_prompts, save_prompt_grid
+from engine.eval.prompt_accuracy import evaluate_prompts, fit_label, save_prompt_grid
 
 
 class _FakeClassifier:
@@ -47,3 +47,16 @@ def test_grid_is_a_readable_png(tmp_path):
     assert grid.width >= 2 * 128 and grid.height >= 2 * 128
     with pytest.raises(ValueError):
         save_prompt_grid(imgs, ["x"], tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize("label", ["cfg 3", "a small blue square at the bottom (data)",
+                                   "a big yellow square in the bottom right of the picture (data)",
+                                   "averyveryverylongwordthatfitsnowhere and more", "two\nlines"])
+def test_grid_labels_fit_their_tile(label):
+    width_of = lambda t: 6 * len(t)
+    lines = fit_label(label, width_of, 146).split("\n")
+    assert 1 <= len(lines) <= 2 and all(width_of(line) <= 146 for line in lines)
+    if width_of(label) <= 146 and "\n" not in label:
+        assert lines == [label]
+    words = " ".join(lines).replace("…", "").split()
+    assert words and label.split()[0].startswith(words[0])
