@@ -188,8 +188,8 @@ def _tiny() -> EngineConfig:
     # Measured on the 2-core AMD EPYC dev machine (bench/results/tiny_default_run_*.json):
     # rotary positions beat learned ones (an image row is always 8 tokens up, whatever the
     # caption length); 8-row batches with twice the updates beat 16-row ones at equal tokens;
-    # 2,600 steps (~5.3M tokens at ~9.8k tokens/s with the C++ attention) keep the whole
-    # default run inside 15 minutes (3,000 steps took 14 min 50 s end to end: too close).
+    # 2,600 steps (~5.3M tokens at ~10k tokens/s with the C++ attention) keep the whole
+    # default run inside 15 minutes (14 min 1 s end to end with the 1,500-step VQ-VAE).
     return EngineConfig(
         preset="tiny",
         vocab=VocabConfig(text_size=1_024, image_codes=512),
@@ -200,7 +200,8 @@ def _tiny() -> EngineConfig:
                           train_steps=1_500, batch_size=64, lr=2e-3),
         model=ModelConfig(n_layers=4, d_model=256, n_heads=4, max_seq_len=256, position="rope"),
         # The EMA of the weights (horizon ~500 steps) is what inference uses: it raised
-        # prompt accuracy over the last step's weights (bench/results/tiny_weight_average_*).
+        # colour+shape on the trained pairs over the last step's weights in every run
+        # measured (bench/results/tiny_weight_average_*).
         train=TrainConfig(steps=2_600, batch_size=8, lr=1.5e-3, warmup_steps=200,
                           checkpoint_every=650, weight_decay=0.05, ema_decay=0.998),
         data=DataConfig(train_size=60_000),

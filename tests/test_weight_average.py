@@ -94,3 +94,35 @@ def test_damaged_or_missing_average_is_named(tmp_path):
 def test_decay_outside_the_unit_interval_is_refused():
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(small(), decay=1.0)
+
+
+def test_training_saves_the_average_and_leaves_the_model_holding_it(tmp_path):
+    from engine.tokenizer.vocab import Vocab
+    from engine.trainer import train_model
+    vocab = Vocab.from_config(get_preset("tiny").vocab)
+    mcfg = dataclasses.replace(get_preset("tiny").model, n_layers=1, d_model=32, n_heads=2,
+                               max_seq_len=64)
+
+    def stream(seed):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            yield [vocab.bos] + torch.randint(vocab.bpe_start, vocab.size, (20,), generator=g).tolist()
+
+    tcfg = dataclasses.replace(get_preset("tiny").train, steps=6, batch_size=2, warmup_steps=2,
+                               checkpoint_every=3, ema_decay=0.9, autocast_bf16=False)
+    torch.manual_seed(0)
+    model = Transformer(mcfg, vocab.size)
+    train_model(model, stream, vocab, tcfg, tmp_path, torch.device("cpu"), resume=False, progress=False)
+    raw = Transformer(mcfg, vocab.size)
+    state = load_model_weights(latest_checkpoint(tmp_path), raw)
+    assert state["average"] == {"decay": 0.9, "updates": 6}
+    averaged = Transformer(mcfg, vocab.size)
+    load_model_weights(latest_checkpoint(tmp_path), averaged, averaged=True)
+    for p, q, r in zip(model.parameters(), averaged.parameters(), raw.parameters()):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(q, r) for q, r in zip(averaged.parameters(), raw.parameters()))
+
+    longer = dataclasses.replace(tcfg, steps=9)
+    train_model(Transformer(mcfg, vocab.size), stream, vocab, longer, tmp_path, torch.device("cpu"),
+                resume=True, progress=False)
+    assert load_model_weights(latest_checkpoint(tmp_path), raw)["average"]["updates"] == 9
