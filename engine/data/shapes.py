@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 # Eight colours: with every shape seen in seven colours instead of five, the tiny model
 # factors colour from shape far better (held-out-pair colour at CFG 3, last weights: 71-81%
 # over three 8-colour runs against 52-61% over three 6-colour runs of the same recipe).
-# Ten (adding black and brown) was worse on every measure at the same budget
-# (bench/results/tiny_recipe_colours_*.json).
+# Ten (adding black and brown; with a 1,500-step VQ-VAE) was worse on every measure at the
+# same budget (bench/results/tiny_recipe_colours_*.json).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 20, 20),
     "green": (20, 160, 40),
