@@ -193,9 +193,9 @@ def _tiny() -> EngineConfig:
     return EngineConfig(
         preset="tiny",
         vocab=VocabConfig(text_size=1_024, image_codes=512),
-        # VQ-VAE (engine.eval.vq_report, 8-colour shapes, heldout split): 1,000 steps reached
-        # 29.2 dB PSNR and 85% codebook use, 1,500 steps 34.0 dB and 91%, in ~3 minutes on
-        # 2 CPU cores with bf16 autocast.
+        # VQ-VAE (engine.eval.vq_report, 8-colour shapes, heldout split; "vq_reports" in
+        # bench/results/tiny_recipe_colours_*.json): 1,000 steps reached 29.2 dB PSNR and 85%
+        # codebook use, 1,500 steps 34.0 dB and 91%, in ~3 minutes on 2 CPU cores (bf16).
         image=ImageConfig(image_size=32, downsample=4, channels=64, code_dim=32,
                           train_steps=1_500, batch_size=64, lr=2e-3),
         model=ModelConfig(n_layers=4, d_model=256, n_heads=4, max_seq_len=256, position="rope"),

@@ -113,24 +113,6 @@ inline const void* row_of(const Strided& x, AttnType t, int64_t b, int64_t h, in
 
 // ---- micro-kernels: 4 rows x 16 columns (two vectors) of fp32 accumulators ---------------
 
-// C[r][0, 16) = sum_c X[r][c] * Yt[c][0, 16) for r < 4. Yt is a transposed key block (row
-// stride BN), so each step is an outer product: 4 broadcasts, 2 loads, 8 FMAs.
-inline void dot_4x16(const float* X, int64_t ldx, const float* Yt, int64_t d, float* C, int64_t ldc) {
-  vf c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{};
-  for (int64_t c = 0; c < d; ++c) {
-    const vf y0 = vload(Yt + c * BN), y1 = vload(Yt + c * BN + 8);
-    const float x0 = X[c], x1 = X[ldx + c], x2 = X[2 * ldx + c], x3 = X[3 * ldx + c];
-    c00 += x0 * y0; c01 += x0 * y1;
-    c10 += x1 * y0; c11 += x1 * y1;
-    c20 += x2 * y0; c21 += x2 * y1;
-    c30 += x3 * y0; c31 += x3 * y1;
-  }
-  vstore(C, c00); vstore(C + 8, c01);
-  vstore(C + ldc, c10); vstore(C + ldc + 8, c11);
-  vstore(C + 2 * ldc, c20); vstore(C + 2 * ldc + 8, c21);
-  vstore(C + 3 * ldc, c30); vstore(C + 3 * ldc + 8, c31);
-}
-
 // O[i][0, 16) += sum_{t < n} A[i * ai + t * at] * Y[t * ldy][0, 16) for i < 4: with
 // (ai, at) = (lda, 1) the rows of A times Y (P @ V, dS @ K); with (1, lda) its columns
 // (P^T @ dO, dS^T @ Q).
@@ -152,6 +134,17 @@ inline void acc_4x16(const float* A, int64_t ai, int64_t at, const float* Y, int
   vstore(O + ldo, o10); vstore(O + ldo + 8, o11);
   vstore(O + 2 * ldo, o20); vstore(O + 2 * ldo + 8, o21);
   vstore(O + 3 * ldo, o30); vstore(O + 3 * ldo + 8, o31);
+}
+
+// C[r][0, 16) = sum_c X[r][c] * Yt[c][0, 16) for r < 4 (Q @ K^T, dO @ V^T): acc_4x16 over
+// the rows of X into a zeroed tile. Yt is a transposed key block (row stride BN), so each
+// step is an outer product: 4 broadcasts, 2 loads, 8 FMAs.
+inline void dot_4x16(const float* X, int64_t ldx, const float* Yt, int64_t d, float* C, int64_t ldc) {
+  for (int r = 0; r < 4; ++r) {
+    vstore(C + r * ldc, vf{});
+    vstore(C + r * ldc + 8, vf{});
+  }
+  acc_4x16(X, ldx, 1, Yt, BN, d, C, ldc);
 }
 
 // ---- work items -----------------------------------------------------------------------------
