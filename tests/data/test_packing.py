@@ -1,3 +1,6 @@
+import itertools
+
+import numpy as np
 import torch
 
 from engine.data.packing import IGNORE, Packer
@@ -39,3 +42,39 @@ def test_sentinel_targets_ignored_and_long_documents_skipped():
     b = packer.next_batch(1)
     assert b.targets[0, :7].tolist() == [40, IGNORE, 41, IGNORE, 42, V.eos, IGNORE]
     assert packer.skipped >= 1
+
+
+def _reference_rows(docs, seq_len, batch_size):
+    """Plain per-document packing: (ids, targets, positions) row by row."""
+    rows, pending = [], None
+    for _ in range(batch_size):
+        ids, tgt, pos = [], [], []
+        while True:
+            d = pending if pending is not None else next(docs)
+            pending = None
+            if len(ids) + len(d) > seq_len:
+                pending = d
+                break
+            ids += d
+            tgt += [IGNORE if V.is_sentinel(t) else t for t in d[1:]] + [IGNORE]
+            pos += list(range(len(d)))
+        pad = seq_len - len(ids)
+        rows.append((ids + [V.pad] * pad, tgt + [IGNORE] * pad, pos + list(range(pad))))
+    return rows
+
+
+def test_batch_matches_a_per_document_reference():
+    rng = np.random.default_rng(0)
+    pool = [V.sentinel(0), V.sentinel(3)] + list(range(V.bpe_start, V.bpe_start + 40))
+
+    def random_docs():
+        while True:
+            n = int(rng.integers(1, 20))
+            yield [V.bos] + [int(t) for t in rng.choice(pool, n)] + [V.eos]
+
+    seed_docs = list(itertools.islice(random_docs(), 400))
+    b = Packer(iter(seed_docs), V, seq_len=32).next_batch(6)
+    for row, (ids, tgt, pos) in enumerate(_reference_rows(iter(seed_docs), 32, 6)):
+        assert b.ids[row].tolist() == ids
+        assert b.targets[row].tolist() == tgt
+        assert b.positions[row].tolist() == pos
