@@ -68,8 +68,8 @@ class Packer:
             if used < S:  # the padding tail is its own "document": attends only to itself
                 flat += [self.vocab.pad] * (S - used)
                 bounds.append((row + 1) * S)
-        # Targets and positions in whole-batch tensor ops: per-token Python here cost ~5% of
-        # a tiny training step.
+        # Targets and positions in whole-batch tensor ops: per-token Python here was most of
+        # the time spent building a batch (12 -> 4.7 ms per tiny batch under cProfile).
         ids = torch.tensor(flat, dtype=torch.long)
         cu = torch.tensor(bounds, dtype=torch.int32)
         index = torch.arange(batch_size * S)
