@@ -200,10 +200,11 @@ def _tiny() -> EngineConfig:
                           train_steps=1_500, batch_size=64, lr=2e-3),
         model=ModelConfig(n_layers=4, d_model=256, n_heads=4, max_seq_len=256, position="rope"),
         # The EMA of the weights is what inference uses. Decay 0.999 (horizon ~1,000 steps):
-        # held-out-pair colour swings by up to 23 points between checkpoints 400 steps apart, and
-        # the longer average raised it in 9 of 12 runs against 0.998 (post hoc from 100-step
-        # checkpoints) while trained-pair accuracy stayed level (bench/results/
-        # tiny_weight_average_* and tiny_partial_captions_*).
+        # held-out-pair colour swings by up to 23 points between checkpoints 400 steps apart;
+        # against 0.998 (post hoc from 100-step checkpoints, 12 runs) the longer average raised
+        # it in 10 (+6 points on average), kept trained-pair colour level (+0.3) and cost 2
+        # points of trained-pair colour+shape (bench/results/tiny_weight_average_* and
+        # tiny_partial_captions_*).
         train=TrainConfig(steps=2_600, batch_size=8, lr=1.5e-3, warmup_steps=200,
                           checkpoint_every=650, weight_decay=0.05, ema_decay=0.999),
         data=DataConfig(train_size=60_000),

@@ -69,7 +69,7 @@ class Packer:
                 flat += [self.vocab.pad] * (S - used)
                 bounds.append((row + 1) * S)
         # Targets and positions in whole-batch tensor ops: per-token Python here was most of
-        # the time spent building a batch (12 -> 4.7 ms per tiny batch under cProfile).
+        # the time spent building a batch (tiny batch, idle 2-core machine: 3.8 -> 1.5 ms).
         ids = torch.tensor(flat, dtype=torch.long)
         cu = torch.tensor(bounds, dtype=torch.int32)
         index = torch.arange(batch_size * S)
