@@ -7,7 +7,8 @@ direction most training documents take). One content word, alternately the colou
 shape, becomes "<mask>" on its BPE boundary (the span is " red", leading space included, as
 the byte-level BPE cuts it); the engine fills the span greedily and it counts as recovered
 when the filled text equals the word. Chance is 1 / (number of colours) or 1 / (number of
-shapes) for the masked slot, averaged.
+shapes) for the masked slot, averaged. Captions that name only a colour or only a shape are
+skipped.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def _cases(captions: list[str], colours, shapes):
     for i, caption in enumerate(captions):
         words = caption.split()
         kinds = [(colours, w) for w in words if w in colours] + [(shapes, w) for w in words if w in shapes]
-        if not kinds:
+        # Only captions that name both: in "a <mask>" (from "a star") the slot may fairly
+        # take "orange star", so a one-word answer would not be the only right one.
+        if not any(p is colours for p, _ in kinds) or not any(p is shapes for p, _ in kinds):
             continue
         pool, word = kinds[i % len(kinds)]
         masked = re.sub(rf" {word}\b", "<mask>", caption, count=1)

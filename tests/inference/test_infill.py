@@ -67,3 +67,12 @@ def test_infill_rate_on_a_trained_run():
     from engine.eval.infill_rate import measure
     report = measure(run, n_captions=48, seed=0)
     assert report["rate"] > 2 * report["chance"], report
+
+
+def test_infill_cases_skip_captions_that_do_not_name_both_words():
+    from engine.eval.infill_rate import _cases
+    captions = ["a red star", "a star", "a red shape", "a big blue circle on the left"]
+    cases = list(_cases(captions, {"red", "blue"}, {"star", "circle"}))
+    assert [i for i, *_ in cases] == [0, 3]
+    assert cases[0][1] == "a<mask> star" and cases[0][2] == "red"
+    assert cases[1][2] == "circle" and "<mask>" in cases[1][1]
