@@ -188,8 +188,9 @@ def _tiny() -> EngineConfig:
     # Measured on the 2-core AMD EPYC dev machine (bench/results/tiny_default_run_*.json):
     # rotary positions beat learned ones (an image row is always 8 tokens up, whatever the
     # caption length); 8-row batches with twice the updates beat 16-row ones at equal tokens;
-    # 2,600 steps (~5.3M tokens at ~10k tokens/s with the C++ attention) keep the whole
-    # default run inside 15 minutes (14 min 1 s end to end with the 1,500-step VQ-VAE).
+    # 2,600 steps (~5.3M tokens at ~9-10k tokens/s with the C++ attention): the whole default
+    # run took 14 min 1 s end to end at 26c7e19 but 15 min 18 s and 15 min 46 s at 6d67be1 on
+    # a slower day (same stages, every one slower): no margin left under 15 minutes.
     return EngineConfig(
         preset="tiny",
         vocab=VocabConfig(text_size=1_024, image_codes=512),

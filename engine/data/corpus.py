@@ -95,8 +95,7 @@ def build_document(caption: list[int], codes, vocab: Vocab, train: TrainConfig, 
                    retrieved: list[tuple[list[int], list[int]]] | None = None) -> list[int]:
     """One training sequence: <bos> CM3(segments) <eos>; `retrieved` (caption ids, codes)
     documents are prepended as the module docstring lays out."""
-    start = vocab.image_start          # not image_token() per code: this runs every step
-    image = [start + int(c) for c in codes]
+    image = [vocab.image_token(int(c)) for c in codes]
     image_first = rng.random() < data.image_first_prob
     segs = [image, caption] if image_first else [caption, image]
     dropped = drop_condition(segs, vocab, train.cfg_dropout, rng)
