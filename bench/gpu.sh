@@ -1,26 +1,46 @@
 #!/usr/bin/env bash
-# One GPU session in one call: install (no deps: the GPU machine's torch/triton are used),
-# build engine._C with the CUDA kernels, run the `cuda` tests and the benchmarks, and write
-# everything under the folder given (default $OUT, else bench/out).
+# One GPU session in one call. Writes everything under the folder given (default $OUT, else
+# bench/out), most important first, so a run cut short still returns what it finished:
+#   1. install (no deps: the GPU machine's torch/triton are used) and build engine._C with the
+#      CUDA kernels, in the background (it needs CPUs, the tuning needs the GPU);
+#   2. tune the flash-attention tiles (scripts/tune_flash_attention.py -> flash_blocks.json);
+#   3. the `cuda` tests, with the tuned tiles;
+#   4. the attention benchmark with the tuned tiles, then the other GPU benchmarks.
 #   bash bench/gpu.sh [OUT_DIR] [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/out}}
 QUICK=${2:-}
 mkdir -p "$OUT_DIR"
-export PYTHONUNBUFFERED=1 ENGINE_BUILD_CUDA=1 ENGINE_REQUIRE_NATIVE=1
-log() { echo "== $*" | tee -a "$OUT_DIR/gpu.log"; }
+export PYTHONUNBUFFERED=1 ENGINE_BUILD_CUDA=1
+log() { echo "== $(date +%T) $*" | tee -a "$OUT_DIR/gpu.log"; }
 
 log "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT_DIR/gpu.log"
-log "install + CUDA build"
-python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5 | tee -a "$OUT_DIR/gpu.log"
-python -c "import torch, engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR, 'torch', torch.__version__)" \
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT_DIR/gpu.log"
 
-log "cuda tests"
-python -m pytest -q -m cuda -x --timeout 300 -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT_DIR/cuda_tests.txt"
+log "install + CUDA build (background, build.log)"
+( timeout 300 python -m pip install -v --no-deps --no-build-isolation -e . >"$OUT_DIR/build.log" 2>&1
+  echo "pip exit $?" >>"$OUT_DIR/build.log" ) &
+BUILD=$!
 
-log "benchmarks"
-python bench/run.py $QUICK --json "$OUT_DIR/bench.json" --png "$OUT_DIR/bench.png" 2>&1 \
-  | tee "$OUT_DIR/bench.txt" | tail -80
+log "tune flash-attention tiles"
+timeout 200 python scripts/tune_flash_attention.py --out "$OUT_DIR/flash_blocks.json" \
+  --log "$OUT_DIR/tune.json" --budget-s "${TUNE_BUDGET_S:-120}" 2>&1 | tee -a "$OUT_DIR/gpu.log"
+if [ -s "$OUT_DIR/flash_blocks.json" ]; then export ENGINE_FLASH_BLOCKS="$OUT_DIR/flash_blocks.json"; fi
+
+log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/gpu.log"
+python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"
+
+log "cuda tests (tiles: ${ENGINE_FLASH_BLOCKS:-table})"
+ENGINE_REQUIRE_NATIVE=1 timeout 200 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider -rfE \
+  >"$OUT_DIR/cuda_tests.txt" 2>&1
+tail -15 "$OUT_DIR/cuda_tests.txt" | tee -a "$OUT_DIR/gpu.log"
+
+log "attention benchmark"
+timeout 200 python bench/run.py $QUICK --only attention --json "$OUT_DIR/bench_attention.json" \
+  2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -60
+log "other GPU benchmarks"
+timeout 150 python bench/run.py $QUICK --only span_loss,sampling,paged_attention,generation \
+  --json "$OUT_DIR/bench_other.json" 2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -40
 log "done"

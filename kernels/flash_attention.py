@@ -13,6 +13,7 @@ the forward's autograd formula calls the backward op, so autograd, torch.compile
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import NamedTuple
 
@@ -65,6 +66,27 @@ _HOPPER = {
 # The interpreter runs each tile op as a numpy call: 32x32 tiles keep the Python overhead per
 # tile low while still splitting the test lengths (7, 83, 257) into several partial blocks.
 _INTERPRETER = Blocks(32, 32, 1, 1)
+
+
+def load_block_table(path: str) -> dict[tuple[str, int, bool], Blocks]:
+    """A tile table written by scripts/tune_flash_attention.py: a JSON list of
+    {"kind", "head_dim", "causal", "blocks": [block_m, block_n, num_warps, num_stages]}."""
+    with open(path) as f:
+        entries = json.load(f)
+    table = {}
+    for e in entries:
+        key = (e["kind"], int(e["head_dim"]), bool(e["causal"]))
+        if key not in _HOPPER:
+            raise ValueError(f"{path}: unknown tile key {key}; keys are {sorted(_HOPPER)}")
+        table[key] = Blocks(*(int(x) for x in e["blocks"]))
+    return table
+
+
+# ENGINE_FLASH_BLOCKS=path.json replaces entries of the table above with tiles measured on
+# the user's own GPU (scripts/tune_flash_attention.py writes such a file). A bad file fails
+# loudly at import rather than silently running the defaults.
+if os.environ.get("ENGINE_FLASH_BLOCKS"):
+    _HOPPER.update(load_block_table(os.environ["ENGINE_FLASH_BLOCKS"]))
 
 
 def pick_blocks(kind: str, head_dim: int, causal: bool, dtype: torch.dtype) -> Blocks:

@@ -55,6 +55,62 @@ def score_mask(qi, kj, SQ, SK, q_doc_start, q_doc_end, CAUSAL: tl.constexpr, VAR
 
 
 @triton.jit
+def full_key_end(start_m, lo, hi, SQ, SK, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 VARLEN: tl.constexpr):
+    """End of the key blocks in [lo, hi) that every query row from start_m on sees whole:
+    no key past SK, none beyond the causal diagonal. Those blocks need no score mask; the
+    rest, up to hi, do. Packed documents are masked everywhere (their edges fall anywhere)."""
+    if VARLEN:
+        return lo
+    end = SK
+    if CAUSAL:
+        # Row start_m (the block's first) sees keys j <= start_m + SK - SQ.
+        end = tl.minimum(end, start_m + 1 + SK - SQ)
+    end = (end // BLOCK_N) * BLOCK_N
+    return tl.minimum(tl.maximum(end, lo), hi)
+
+
+@triton.jit
+def fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d,
+                   start, stop, SQ, SK, scale_log2, q_doc_start, q_doc_end,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Online-softmax update over key blocks [start, stop). MASKED=False is the hot loop:
+    whole blocks that every row sees, so no score mask and no key-row load mask."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kt_ptrs = k_base + offs_n[None, :] * sks + offs_d[:, None] * skd
+        v_ptrs = v_base + offs_n[:, None] * svs + offs_d[None, :] * svd
+        if MASKED:
+            n_ok = offs_n < SK
+            kt = tl.load(kt_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+        if MASKED:
+            mask = score_mask(offs_m[:, None], offs_n[None, :], SQ, SK, q_doc_start[:, None],
+                              q_doc_end[:, None], CAUSAL, VARLEN)
+            s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # P is rounded to the input dtype for the tensor-core matmul (as every flash kernel
+        # does); the sum above and the accumulator stay in fp32.
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def flash_fwd_kernel(
     Q, K, V, O, LSE, DOC_START, DOC_END,
     sqb, sqh, sqs, sqd,
@@ -77,7 +133,6 @@ def flash_fwd_kernel(
     kvh = h // GROUPS
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < SQ
@@ -97,25 +152,16 @@ def flash_fwd_kernel(
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < SK
-        kt = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
-        mask = score_mask(offs_m[:, None], offs_n[None, :], SQ, SK, q_doc_start[:, None],
-                          q_doc_end[:, None], CAUSAL, VARLEN)
-        s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        # P is rounded to the input dtype for the tensor-core matmul (as every flash kernel
-        # does); the sum above and the accumulator stay in fp32.
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # Whole, fully visible key blocks first (no masks), then the diagonal and the ragged end.
+    mid = full_key_end(pid_m * BLOCK_M, lo, hi, SQ, SK, BLOCK_N, CAUSAL, VARLEN)
+    acc, l_i, m_i = fwd_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, lo, mid, SQ, SK,
+        scale_log2, q_doc_start, q_doc_end, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, VARLEN, False,
+        DOT_PRECISION)
+    acc, l_i, m_i = fwd_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, mid, hi, SQ, SK,
+        scale_log2, q_doc_start, q_doc_end, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, VARLEN, True,
+        DOT_PRECISION)
 
     # Padded rows (beyond SQ) saw no key: keep them finite, they are not stored.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
