@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_INF_KEY = -2139095041       # _order_key(-inf)
-LOWEST_FINITE_KEY = -2139095040  # _order_key(-FLT_MAX)
+NEG_INF_KEY = tl.constexpr(-2139095041)       # _order_key(-inf)
+LOWEST_FINITE_KEY = tl.constexpr(-2139095040)  # _order_key(-FLT_MAX)
 NPIV = 16
 # (largest vocab, BLOCK, num_warps): small rows in one block; big rows in 1024-wide chunks
 # so the [BLOCK, NPIV] pivot comparisons stay within the registers of 8 warps.

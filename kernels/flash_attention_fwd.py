@@ -94,13 +94,16 @@ def fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m,
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
         if MASKED:
             mask = score_mask(offs_m[:, None], offs_n[None, :], SQ, SK, q_doc_start[:, None],
                               q_doc_end[:, None], CAUSAL, VARLEN)
             s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        # The scale (> 0) is applied after the row max and inside the exponent's argument,
+        # so each score costs one fused multiply-add before exp2 instead of a multiply and
+        # a subtract.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        p = tl.math.exp2(s * scale_log2 - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         # P is rounded to the input dtype for the tensor-core matmul (as every flash kernel

@@ -30,9 +30,9 @@ from kernels.flash_attention import Blocks  # noqa: E402
 # Candidates per pass, (block_m, block_n, num_warps, num_stages): around the table's
 # reasoning (see kernels/flash_attention.py), plus the neighbours most often best on Hopper.
 CANDIDATES = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2),
-            (128, 128, 8, 3), (128, 128, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-            (64, 128, 4, 3)],
+    "fwd": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 4), (64, 128, 4, 2),
+            (64, 128, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3),
+            (128, 128, 8, 2), (128, 32, 4, 4), (128, 64, 4, 3)],
     "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3),
              (64, 64, 8, 2), (32, 64, 4, 3), (32, 128, 8, 2)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop the sweep after this")
     ap.add_argument("--log", type=Path, help="also write every measurement here (JSON)")
+    ap.add_argument("--keys", default="", help="only these, e.g. fwd:128:causal,dq:64:full")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
@@ -100,6 +101,13 @@ def main(argv=None) -> int:
     keys = [("fwd", d, c) for d in (128, 64) for c in (True, False)]
     keys += [(kind, d, True) for d in (128, 64) for kind in ("dkdv", "dq")]
     keys += [(kind, d, False) for d in (128, 64) for kind in ("dkdv", "dq")]
+    if args.keys:
+        wanted = {(k, int(d), m == "causal") for k, d, m in
+                  (item.split(":") for item in args.keys.split(","))}
+        unknown = wanted - set(fa._HOPPER)
+        if unknown:
+            ap.error(f"unknown keys {sorted(unknown)}")
+        keys = [key for key in keys if key in wanted]
     table, log = [], []
     for kind, d, causal in keys:
         current = tuple(fa._HOPPER[(kind, d, causal)])

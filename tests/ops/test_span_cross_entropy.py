@@ -36,7 +36,8 @@ def oracle(hidden, weight, targets, reduction="mean", z_loss=0.0, label_smoothin
         loss = loss.sum() / max(int(keep.sum()), 1)
     elif reduction == "sum":
         loss = loss.sum()
-    grad_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).view(loss.shape)
+    grad_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64,
+                              device=loss.device).view(loss.shape)
     dh, dw = torch.autograd.grad((loss * grad_out).sum(), [h, w])
     return loss, dh, dw, grad_out
 
