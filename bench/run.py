@@ -45,11 +45,17 @@ def format_table(rows: list[dict]) -> str:
 
 
 def git_commit() -> str:
+    """HEAD, with "+dirty" when the tree differs from it (then HEAD alone would name code
+    that was not what ran, e.g. a working tree copied to a GPU machine)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, text=True, capture_output=True,
+                              check=True).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                              capture_output=True, check=True).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

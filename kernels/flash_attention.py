@@ -38,31 +38,31 @@ class Blocks(NamedTuple):
 
 # Hopper (H100/H200) tiles, keyed on (pass, head-dim bucket, causal): the fastest correct
 # candidate of scripts/tune_flash_attention.py on an H100 80GB HBM3 (bf16, seq 4096,
-# b*s = 16k tokens, h*d = 2048; bench/results/attention_h100.json has every measurement).
+# b*s = 16k tokens, h*d = 2048; bench/results/attention_h100.json has every measurement;
+# candidates within ~3% of each other swap places between runs).
 # What the sweep showed, and why these shapes win:
-#  - forward, d=128: one warpgroup (4 warps) on 64x64 tiles beat 8 warps on 128-row tiles
-#    (causal 0.621 ms against 0.659): the 64-row wgmma slice is the native shape, and a
-#    smaller tile leaves more programs per SM to hide the softmax behind the other's matmul.
-#    4 warps on 128-row tiles spill the accumulator (1.12 ms).
+#  - forward, causal d=128: one warpgroup (4 warps) on 64x64 tiles beat 8 warps on 128-row
+#    tiles (0.61-0.62 ms against 0.63-0.66): the 64-row wgmma slice is the native shape, and
+#    small tiles waste less work on the diagonal. 4 warps on 128-row tiles spill the fp32
+#    accumulator (1.1 ms). Without the mask, 128x64 tiles over 8 warps edge ahead.
 #  - forward, d=64: the accumulator is half the size, so 128-row tiles over 8 warps win.
 #  - dK/dV: two fp32 [BLOCK_N, d] accumulators per program; at d=128, 128-key tiles over 8
-#    warps with 64-row query tiles; at d=64 narrow 32x64 tiles over 4 warps.
-#  - dQ: the mirror image: 128-row query tiles against 64-key tiles at d=128.
-# Entries for d=64 full-mask backward were not reached by the sweep's time budget; they take
-# the causal d=64 tiles. tests/ops/test_flash_attention_compile.py compiles every entry for
-# sm_90 and checks the shared memory; ENGINE_FLASH_BLOCKS (below) overrides them.
+#    warps against 64-row query tiles; at d=64, 4 warps on 32-row query tiles.
+#  - dQ: the mirror image: 128-row query tiles against 64-key tiles over 8 warps.
+# tests/ops/test_flash_attention_compile.py compiles every entry for sm_90 and checks the
+# shared memory; ENGINE_FLASH_BLOCKS (below) overrides entries with a user's own sweep.
 # fp32 inputs halve both tile sides (twice the bytes per element, IEEE-exact dots).
 _HOPPER = {
     ("fwd", 64, True): Blocks(128, 64, 8, 3),
     ("fwd", 64, False): Blocks(128, 64, 8, 3),
     ("fwd", 128, True): Blocks(64, 64, 4, 3),
-    ("fwd", 128, False): Blocks(64, 64, 4, 3),
+    ("fwd", 128, False): Blocks(128, 64, 8, 3),
     ("dkdv", 64, True): Blocks(32, 64, 4, 3),
-    ("dkdv", 64, False): Blocks(32, 64, 4, 3),
+    ("dkdv", 64, False): Blocks(32, 128, 4, 3),
     ("dkdv", 128, True): Blocks(64, 128, 8, 3),
     ("dkdv", 128, False): Blocks(64, 128, 8, 3),
     ("dq", 64, True): Blocks(64, 64, 4, 3),
-    ("dq", 64, False): Blocks(64, 64, 4, 3),
+    ("dq", 64, False): Blocks(128, 64, 8, 3),
     ("dq", 128, True): Blocks(128, 64, 8, 3),
     ("dq", 128, False): Blocks(128, 64, 8, 3),
 }
