@@ -121,7 +121,9 @@ def main(argv=None) -> int:
             dry_run(cfg)
             return 0
         cfg = prepare_run_dir(args, cfg)
+        from engine.host_memory import keep_freed_memory
         from engine.pipeline import run_pipeline
+        keep_freed_memory()
         run_pipeline(cfg, args.out, device=args.device, resume=args.resume,
                      evaluate=not args.no_eval, progress=not args.quiet)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
