@@ -13,6 +13,11 @@ arrive as per-token [start, end) key ranges of the token's document within its r
 (DOC_START / DOC_END, int32 [B, S]); the loop bounds skip every key block that lies outside
 the union of the query block's documents, so packed rows cost about the sum of the squared
 document lengths, not S^2.
+
+Each program's key loop runs in two parts: first the whole key blocks that every row of the
+query block sees (no score mask, no load masks: the hot loop), then the blocks on the causal
+diagonal and the ragged end of the keys, masked. Packed documents take the masked loop
+throughout. The backward kernels split their loops the same way.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Packing documents into fixed-length rows with document boundaries.
 
-Each row of `seq_len` tokens holds whole documents back to back; the remainder is padding.
-Positions restart at 0 in every document, `cu_seqlens` (over the flattened B*S stream) tells
+Each row of `row_len` tokens (default `seq_len`) holds whole documents of at most `seq_len`
+tokens back to back; the remainder is padding. Positions restart at 0 in every document, `cu_seqlens` (over the flattened B*S stream) tells
 attention where documents start, and a document never crosses a row. A target is the next
 token of the same document; the last token of a document, padding, and every target that is
 a CM3 sentinel carry IGNORE (no loss).
@@ -36,10 +36,15 @@ class PackedBatch:
 class Packer:
     """Pulls documents from an iterator and packs them into batches; never splits one."""
 
-    def __init__(self, docs: Iterator[list[int]], vocab: Vocab, seq_len: int):
-        self.docs, self.vocab, self.seq_len = docs, vocab, seq_len
+    def __init__(self, docs: Iterator[list[int]], vocab: Vocab, seq_len: int,
+                 row_len: int | None = None):
+        row_len = seq_len if row_len is None else row_len
+        if row_len < seq_len:
+            raise ValueError(f"row_len {row_len} is shorter than seq_len {seq_len}: a "
+                             "document of seq_len tokens would never fit a row")
+        self.docs, self.vocab, self.seq_len, self.row_len = docs, vocab, seq_len, row_len
         self.pending: list[int] | None = None
-        self.skipped = 0          # documents longer than a row (counted, never truncated)
+        self.skipped = 0          # documents longer than seq_len (counted, never truncated)
 
     def _next_doc(self) -> list[int]:
         if self.pending is not None:
@@ -52,7 +57,7 @@ class Packer:
             self.skipped += 1
 
     def next_batch(self, batch_size: int) -> PackedBatch:
-        S = self.seq_len
+        S = self.row_len
         flat: list[int] = []          # the rows' tokens back to back, padding included
         bounds = [0]
         for row in range(batch_size):

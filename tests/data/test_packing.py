@@ -1,6 +1,7 @@
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from engine.data.packing import IGNORE, Packer
@@ -78,3 +79,26 @@ def test_batch_matches_a_per_document_reference():
         assert b.ids[row].tolist() == ids
         assert b.targets[row].tolist() == tgt
         assert b.positions[row].tolist() == pos
+
+
+def test_long_rows_hold_more_documents_of_at_most_seq_len():
+    rng = np.random.default_rng(1)
+    docs = [[V.bos] + list(range(30, 30 + int(n))) + [V.eos] for n in rng.integers(5, 30, 300)]
+    docs.insert(3, doc(40))                  # longer than seq_len 32: skipped though it fits
+    packer = Packer(iter(docs), V, seq_len=32, row_len=200)
+    b = packer.next_batch(2)
+    assert b.ids.shape == (2, 200) and packer.skipped == 1
+    want = [d for d in docs if len(d) <= 32]
+    for row, (ids, tgt, pos) in enumerate(_reference_rows(iter(want), 200, 2)):
+        assert b.ids[row].tolist() == ids
+        assert b.targets[row].tolist() == tgt
+        assert b.positions[row].tolist() == pos
+    # Every position, the padding tail's too, stays below seq_len (the model checks it).
+    assert int(b.positions.max()) < 32 and (b.ids[0, :150] != V.pad).all()
+    lengths = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()
+    assert max(lengths) <= 200 and sum(lengths) == 400
+
+
+def test_row_shorter_than_a_document_is_refused():
+    with pytest.raises(ValueError, match="row_len"):
+        Packer(iter([doc(5)]), V, seq_len=32, row_len=16)
