@@ -58,6 +58,10 @@ _GROUP_M = 8  # backward visits row tiles in groups of 8 so a weight block is re
 def _blocks(table, hidden: torch.Tensor):
     if hidden.device.type != "cuda":
         return _INTERPRETER_BLOCKS
+    return _gpu_blocks(table, hidden)
+
+
+def _gpu_blocks(table, hidden: torch.Tensor):
     return table[(hidden.dtype == torch.float32, hidden.shape[1] >= 2048)]
 
 
