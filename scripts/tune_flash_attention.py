@@ -40,7 +40,7 @@ CANDIDATES = {
 }
 
 
-def inputs(seq: int, d: int, causal: bool):
+def inputs(seq: int, d: int):
     b, h = 16384 // seq, 2048 // d
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, g = (torch.randn(b, h, seq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -56,7 +56,7 @@ def tflops(seq: int, d: int, causal: bool, kind: str, ms: float) -> float:
 def measure(kind, d, causal, seq, cand, ref):
     """(ms, max abs error against ref) of the pass with tile `cand`, or raises."""
     import triton.testing
-    q, k, v, g = inputs(seq, d, causal)
+    q, k, v, g = inputs(seq, d)
     scale = d ** -0.5
     fa._HOPPER[(kind, d, causal)] = Blocks(*cand)
     if kind == "fwd":
@@ -76,7 +76,7 @@ def measure(kind, d, causal, seq, cand, ref):
 
 def reference(kind, d, causal, seq):
     """fp32-accumulated SDPA on the same bf16 inputs (the flash backend)."""
-    q, k, v, g = inputs(seq, d, causal)
+    q, k, v, g = inputs(seq, d)
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if kind == "fwd":

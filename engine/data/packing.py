@@ -1,10 +1,10 @@
 """Packing documents into fixed-length rows with document boundaries.
 
 Each row of `row_len` tokens (default `seq_len`) holds whole documents of at most `seq_len`
-tokens back to back; the remainder is padding. Positions restart at 0 in every document, `cu_seqlens` (over the flattened B*S stream) tells
-attention where documents start, and a document never crosses a row. A target is the next
-token of the same document; the last token of a document, padding, and every target that is
-a CM3 sentinel carry IGNORE (no loss).
+tokens back to back; the remainder is padding. Positions restart at 0 in every document,
+`cu_seqlens` (over the flattened B*S stream) tells attention where documents start, and a
+document never crosses a row. A target is the next token of the same document; the last
+token of a document, padding, and every target that is a CM3 sentinel carry IGNORE (no loss).
 """
 from __future__ import annotations
 
