@@ -80,8 +80,8 @@ class TrainConfig:
     # Token slots per packed row; 0 = max_seq_len. A longer row holds more documents (each
     # still at most max_seq_len: positions restart per document), so the padding left at a
     # row's end is a smaller share. On tiny, 1 row of 1,840 slots in place of 8 rows of 256
-    # carries the same real tokens a step (12% of the 8x256 slots are padding) with ~6% less
-    # time a step and the same loss curve, but held-out-pair colour read 48 / 59% against
+    # carries the same real tokens a step (12% of the 8x256 slots are padding) with 10% fewer
+    # slots to compute and the same loss curve, but held-out-pair colour read 48 / 59% against
     # 62 / 75% (seeds 0 / 1; bench/results/tiny_rows_cpu-epyc-2core.json), so tiny keeps 8x256.
     row_tokens: int = 0
     lr: float = 1e-4
@@ -196,8 +196,8 @@ def _tiny() -> EngineConfig:
     # rotary positions beat learned ones (an image row is always 8 tokens up, whatever the
     # caption length); 8-row batches with twice the updates beat 16-row ones at equal tokens;
     # 2,600 steps (~5.3M tokens at ~9-10k tokens/s with the C++ attention): the whole default
-    # run took 14 min 1 s end to end at 26c7e19 but 15 min 18 s and 15 min 46 s at 6d67be1 on
-    # a slower day (same stages, every one slower): no margin left under 15 minutes.
+    # run took 14 min 16 s, 14 min 33 s and 15 min 26 s from fresh clones at 97bad18..88d0580
+    # (same results; the last on a slow phase of the machine): no safe margin under 15 minutes.
     return EngineConfig(
         preset="tiny",
         vocab=VocabConfig(text_size=1_024, image_codes=512),

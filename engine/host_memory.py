@@ -3,9 +3,9 @@
 glibc serves every allocation above its mmap threshold (128 KiB at first) with a fresh mmap
 and unmaps it on free, so each training step's large temporaries come back as new pages the
 kernel must fault in and zero. On the tiny preset's VQ-VAE step (2 CPU threads) that was
-7,000-14,000 page faults and 14-32 ms of system time per ~120 ms step; with the thresholds
-below it is ~30 faults, 0.4 ms, and the step ~12% faster. Numerics are untouched: only where
-the bytes live changes.
+thousands of page faults a step; with the thresholds below, a few (tests/test_host_memory.py
+counts them: ~90,000 against ~1,000 over ten steps). Numerics are untouched: only where the
+bytes live changes.
 
 The price is that the process keeps its peak heap (up to TRIM_THRESHOLD bytes beyond what
 is in use) instead of shrinking after a spike, which a training process wants anyway.

@@ -78,7 +78,7 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
         return _read_metrics(run_dir)
     _truncate_metrics(run_dir, start)   # drop lines logged after the checkpoint we resume from
     packer = Packer(stream_factory(cfg.seed * 1_000_003 + start), vocab, model.cfg.max_seq_len,
-                    row_len=cfg.row_tokens or model.cfg.max_seq_len)
+                    row_len=cfg.row_tokens or None)
     use_bf16 = cfg.autocast_bf16 and bf16_autocast_ok(device)
     metrics_f = open(Path(run_dir) / "metrics.jsonl", "a")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",

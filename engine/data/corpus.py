@@ -80,9 +80,8 @@ class EncodedCorpus:
 def encode_corpus(dataset, text_tok, vq, batch: int = 128, progress: bool = True) -> EncodedCorpus:
     """Captions through the BPE, images through the VQ-VAE encoder, `batch` items at a time.
 
-    128 images a batch keep the encoder's activations in cache: on the 2-core dev CPU the
-    tiny preset's encoder took 1.3 s per 4,096 images at 64-128 a batch against 2.0 s at 512
-    (the same codes either way)."""
+    128 images a batch keep the tiny encoder's activations in the CPU's caches, which 512 did
+    not; the codes are the same either way."""
     from engine.tokenizer.vqvae import images_to_tensor
     captions, codes = [], []
     bar = tqdm(range(0, len(dataset), batch), desc="encode corpus", disable=not progress,
