@@ -197,7 +197,8 @@ def _tiny() -> EngineConfig:
     # caption length); 8-row batches with twice the updates beat 16-row ones at equal tokens;
     # 2,600 steps (~5.3M tokens at ~9-10k tokens/s with the C++ attention): the whole default
     # run took 14 min 16 s, 14 min 33 s and 15 min 26 s from fresh clones at 97bad18..88d0580
-    # (same results; the last on a slow phase of the machine): no safe margin under 15 minutes.
+    # (same results; the last on a slow phase of the machine), and 14 min 8 s at 46767e6 (a
+    # faster native build): no safe margin under 15 minutes.
     return EngineConfig(
         preset="tiny",
         vocab=VocabConfig(text_size=1_024, image_codes=512),
