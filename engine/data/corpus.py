@@ -80,8 +80,7 @@ class EncodedCorpus:
 def encode_corpus(dataset, text_tok, vq, batch: int = 128, progress: bool = True) -> EncodedCorpus:
     """Captions through the BPE, images through the VQ-VAE encoder, `batch` items at a time.
 
-    128 images a batch keep the tiny encoder's activations in the CPU's caches, which 512 did
-    not; the codes are the same either way."""
+    The encoder codes each image on its own, so `batch` changes the speed, never the codes."""
     from engine.tokenizer.vqvae import images_to_tensor
     captions, codes = [], []
     bar = tqdm(range(0, len(dataset), batch), desc="encode corpus", disable=not progress,

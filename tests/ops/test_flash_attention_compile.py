@@ -9,18 +9,12 @@ launch the real kernels instead, so this is skipped there.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests.ops.hopper_compile import HOPPER_SMEM_BYTES, run_compile_script
 
-ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("triton")
 
 # Compiles every pass at the Hopper tile table's configs and prints their shared memory.
 SCRIPT = r"""
@@ -79,17 +73,9 @@ results.append(["preprocess", "bf16", 128, False, smem])
 print(json.dumps(results))
 """
 
-HOPPER_SMEM_BYTES = 227 * 1024   # the most one block may use on H100/H200
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda tests launch the kernels here")
 def test_kernels_compile_for_hopper():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_compile_script(SCRIPT, timeout=600, TRITON_DEFAULT_FP_FUSION="1")
     assert len(results) == 16
     for kind, dtype, d, causal, smem in results:
         assert 0 < smem <= HOPPER_SMEM_BYTES, (kind, dtype, d, causal, smem)
