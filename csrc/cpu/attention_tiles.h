@@ -13,6 +13,7 @@
 #pragma once
 
 #include "cpu/attention.h"
+#include "cpu/float_bits.h"
 
 #include <algorithm>
 #include <cmath>
@@ -63,20 +64,6 @@ inline vf exp2v(vf x) {
   vf pow2n;
   std::memcpy(&pow2n, &bits, sizeof pow2n);
   return p * pow2n;
-}
-
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN
-  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
 }
 
 // dst[0, n) = src * mul in fp32, dst[n, np) = 0.

@@ -9,6 +9,8 @@
 // ties with the threshold itself.
 #include "cpu/cfg_sample.h"
 
+#include "cpu/float_bits.h"
+
 #include <omp.h>
 
 #include <cmath>
@@ -23,20 +25,6 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kDigitBits[3] = {11, 11, 10};
 constexpr int kDigitShift[3] = {21, 10, 0};
-
-inline float bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
-inline uint32_t float_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
-
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-  if (exp == 0x1F) return bits_to_float(sign | 0x7F800000u | (man << 13));       // inf, NaN
-  if (exp != 0) return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));  // normal
-  const float f = static_cast<float>(man) * 5.9604644775390625e-8f;             // 2^-24 units
-  return sign ? -f : f;
-}
-
-inline float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 
 // Unsigned keys that order like the floats (-inf smallest). Zeros are canonicalised to +0
 // before keys are taken, so -0 and +0 tie as they do in the reference.
