@@ -198,10 +198,10 @@ def _tiny() -> EngineConfig:
     # 2,600 steps (~5.3M tokens at ~9-10k tokens/s with the C++ attention): the whole default
     # run took 14 min 16 s, 14 min 33 s and 15 min 26 s from fresh clones at 97bad18..88d0580
     # (same results; the last on a slow phase of the machine), and 14 min 8 s at 46767e6 (a
-    # faster native build): no safe margin under 15 minutes. More steps are what raise
+    # faster native build): no safe margin under 15 minutes. More steps would not buy
     # held-out-pair colour: 4,400 (1.7x the tokens, what the issue's ~17k tokens/s trial
-    # machine trains in that time) read 70 / 76% against 62 / 75% (seeds 0 / 1; bench/results/
-    # tiny_caption_order_decay_compute_*.json), but the model phase alone then takes ~15 min.
+    # machine trains in that time) read 70 / 76 / 48% against 62 / 75 / 62% (seeds 0 / 1 / 2;
+    # bench/results/tiny_caption_order_decay_compute_*.json); only trained pairs gained.
     return EngineConfig(
         preset="tiny",
         vocab=VocabConfig(text_size=1_024, image_codes=512),
