@@ -1,6 +1,6 @@
-// Bit-exact conversions between fp32 and the 16-bit float types, shared by the CPU kernels
-// that load or store fp16/bf16 tensors. Each rounds to nearest even and keeps NaN a NaN, as
-// torch's own casts do, so a kernel's fp16/bf16 output matches the reference bit for bit.
+// Conversions between fp32 and the 16-bit float types, shared by the CPU kernels that load
+// or store fp16/bf16 tensors. Narrowing rounds to nearest even and keeps NaN a NaN, as
+// torch's own casts do.
 #pragma once
 
 #include <cstdint>
