@@ -100,3 +100,18 @@ def test_condition_dropout_rate_and_form():
 def test_split_join_round_trip():
     body = [V.bpe_start, V.brk, V.image_start, V.image_start + 1, V.brk, V.bpe_start + 2]
     assert join_segments(split_segments(body, V), V) == body
+
+
+def test_span_segment_is_drawn_in_proportion_to_its_length():
+    # A 10-token caption before a 60-code image: single-span draws land in the caption
+    # 10 / 70 of the time (a uniform choice of segment would give one half).
+    caption, image = [V.bpe_start + i for i in range(10)], [V.image_start + i for i in range(60)]
+    body = join_segments([caption, image], V)
+    rng = np.random.default_rng(0)
+    in_caption = single = 0
+    for _ in range(6000):
+        spans = spans_of(cm3_transform(body, V, rng))
+        if len(spans) == 1:
+            single += 1
+            in_caption += not V.is_image(spans[0][1][0])
+    assert abs(in_caption / single - 10 / 70) < 0.02
