@@ -73,6 +73,9 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
 
+SPAN_SEGMENTS = ("uniform", "length")     # TrainConfig.span_segments
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1_000
@@ -92,11 +95,20 @@ class TrainConfig:
     grad_clip: float = 1.0
     cfg_dropout: float = 0.1         # caption replaced by <mask> in training
     max_spans: int = 16              # CM3: n ~ clamp(Poisson(1), 1, max_spans)
+    # Which segment a CM3 span falls in: "uniform" over segments (caption infilling works) or
+    # in proportion to "length" (fewer caption holes: better held-out colour-shape pairs,
+    # no caption infilling). The trade is measured in engine/data/cm3.py's docstring.
+    span_segments: str = "uniform"
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
     autocast_bf16: bool = True       # used only where the CPU/GPU supports bf16 well
     ema_decay: float = 0.0           # > 0: keep an EMA of the weights; inference uses it
+
+    def __post_init__(self):
+        if self.span_segments not in SPAN_SEGMENTS:
+            raise ValueError(f"unknown train.span_segments {self.span_segments!r}; choose one "
+                             f"of: {', '.join(SPAN_SEGMENTS)}")
 
 
 @dataclass

@@ -9,23 +9,26 @@ after the body, so the model learns infilling while still training left to right
 
 The sentinels themselves get no loss (engine.data.packing ignores every target that is a
 sentinel). Our choices where the paper is silent: a span's segment is drawn among the
-segments that hold maskable (BPE or image) tokens with probability proportional to its
-length, the span's length uniformly in [1, segment length], its start uniformly; a draw that
-would overlap an earlier span is retried, and given up after a few tries (so n is an upper
-bound on tight documents).
+segments that hold maskable (BPE or image) tokens, uniformly or in proportion to its length
+(`segment_weighting`), the span's length uniformly in [1, segment length], its start
+uniformly; a draw that would overlap an earlier span is retried, and given up after a few
+tries (so n is an upper bound on tight documents).
 
-Why proportional to length: drawing the segment uniformly put a span in the ~10-token
-caption of half the tiny text-to-image documents, often over the colour word, so the model
-learned "a <mask:0> star" -> the colours stars are seen in, which is exactly what a held-out
-pair like "a red star" must overcome. Weighted by length, the caption holds ~1 span in 5.
-Tiny preset, seeds 0-3, CFG 3: held-out-pair colour 74 / 70 / 80 / 76% against 62 / 75 /
-62 / 62%, trained-pair colour+shape 90 / 92 / 96 / 89% against 89 / 83 / 84 / 83%
-(bench/results/tiny_span_placement_cpu-epyc-2core.json).
+The weighting trades two abilities (tiny preset, seeds 0-3, CFG 3; bench/results/
+tiny_span_placement_cpu-epyc-2core.json). "uniform" (the default) puts a span in the
+~10-token caption of half the text-to-image documents: the model learns CM3 infilling of a
+masked caption word (64-88% recovered) but also "a <mask:0> star" -> the colours stars are
+seen in, which a held-out pair like "a red star" must overcome (held-out-pair colour 62 /
+75 / 62 / 62%). "length" puts a span in the caption of ~1 document in 4: held-out-pair colour 74 / 70 /
+80 / 76% and trained-pair colour+shape 90-96% (against 83-89%), but caption infilling falls
+to chance (12-20%): the model repeats neighbouring words instead of ending the span.
+Square-root weighting (2 seeds) kept neither: held-out colour 65%, infilling 65%.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from engine.config import SPAN_SEGMENTS
 from engine.tokenizer.vocab import Vocab
 
 _RETRIES = 8
@@ -63,21 +66,29 @@ def _maskable(seg: list[int], vocab: Vocab) -> bool:
 
 
 def cm3_transform(body: list[int], vocab: Vocab, rng: np.random.Generator,
-                  max_spans: int = 16) -> list[int]:
+                  max_spans: int = 16, segment_weighting: str = "uniform") -> list[int]:
     """body = a document's ids between <bos> and <eos>. Returns the transformed body."""
+    if segment_weighting not in SPAN_SEGMENTS:
+        raise ValueError(f"unknown segment_weighting {segment_weighting!r}; choose one of: "
+                         f"{', '.join(SPAN_SEGMENTS)}")
     max_spans = min(max_spans, vocab.num_sentinels)
     segs = split_segments(body, vocab)
     offsets = np.cumsum([0] + [len(s) + 1 for s in segs[:-1]])   # start of each segment in body
     candidates = [i for i, s in enumerate(segs) if _maskable(s, vocab)]
     if not candidates:
         return list(body)
-    weights = np.array([len(segs[i]) for i in candidates], dtype=np.float64)
-    weights /= weights.sum()
+    weights = None
+    if segment_weighting == "length":
+        weights = np.array([len(segs[i]) for i in candidates], dtype=np.float64)
+        weights /= weights.sum()
     n = int(np.clip(rng.poisson(1.0), 1, max_spans))
     spans: list[tuple[int, int]] = []       # [start, end) in body coordinates
     for _ in range(n):
         for _ in range(_RETRIES):
-            seg = candidates[rng.choice(len(candidates), p=weights)]
+            # rng.integers for "uniform" keeps its draws what they were before the option.
+            pick = rng.integers(len(candidates)) if weights is None else \
+                rng.choice(len(candidates), p=weights)
+            seg = candidates[pick]
             length = int(rng.integers(1, len(segs[seg]) + 1))
             start = int(offsets[seg] + rng.integers(0, len(segs[seg]) - length + 1))
             end = start + length

@@ -106,7 +106,8 @@ def build_document(caption: list[int], codes, vocab: Vocab, train: TrainConfig, 
         segs = retrieved_segments(retrieved, vocab, image_first) + segs
     else:
         segs = dropped
-    body = cm3_transform(join_segments(segs, vocab), vocab, rng, train.max_spans)
+    body = cm3_transform(join_segments(segs, vocab), vocab, rng, train.max_spans,
+                         train.span_segments)
     return [vocab.bos] + body + [vocab.eos]
 
 

@@ -2,6 +2,7 @@
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -102,16 +103,25 @@ def test_split_join_round_trip():
     assert join_segments(split_segments(body, V), V) == body
 
 
-def test_span_segment_is_drawn_in_proportion_to_its_length():
-    # A 10-token caption before a 60-code image: single-span draws land in the caption
-    # 10 / 70 of the time (a uniform choice of segment would give one half).
+
+@pytest.mark.parametrize("weighting, share", [("uniform", 1 / 2), ("length", 10 / 70)])
+def test_span_segment_weighting(weighting, share):
+    # A 10-token caption before a 60-code image: single-span draws land in the caption half
+    # the time when segments are drawn uniformly, 10 / 70 of the time by length.
     caption, image = [V.bpe_start + i for i in range(10)], [V.image_start + i for i in range(60)]
     body = join_segments([caption, image], V)
     rng = np.random.default_rng(0)
     in_caption = single = 0
     for _ in range(6000):
-        spans = spans_of(cm3_transform(body, V, rng))
+        out = cm3_transform(body, V, rng, segment_weighting=weighting)
+        assert undo_cm3(out, V) == body
+        spans = spans_of(out)
         if len(spans) == 1:
             single += 1
             in_caption += not V.is_image(spans[0][1][0])
-    assert abs(in_caption / single - 10 / 70) < 0.02
+    assert abs(in_caption / single - share) < 0.02
+
+
+def test_unknown_segment_weighting_is_refused():
+    with pytest.raises(ValueError, match="segment_weighting"):
+        cm3_transform([V.bpe_start], V, np.random.default_rng(0), segment_weighting="sqrt")
