@@ -103,7 +103,6 @@ def test_split_join_round_trip():
     assert join_segments(split_segments(body, V), V) == body
 
 
-
 @pytest.mark.parametrize("weighting, share", [("uniform", 1 / 2), ("length", 10 / 70)])
 def test_span_segment_weighting(weighting, share):
     # A 10-token caption before a 60-code image: single-span draws land in the caption half
