@@ -19,8 +19,8 @@ tiny_span_placement_cpu-epyc-2core.json). "uniform" (the default) puts a span in
 ~10-token caption of half the text-to-image documents: the model learns CM3 infilling of a
 masked caption word (64-88% recovered) but also "a <mask:0> star" -> the colours stars are
 seen in, which a held-out pair like "a red star" must overcome (held-out-pair colour
-62 / 75 / 62 / 62%). "length" puts a span in the caption of ~1 document in 4:
-held-out-pair colour 74 / 70 / 80 / 76% and trained-pair colour+shape 90-96% (against 83-89%), but caption
+62/75/62/62%). "length" puts a span in the caption of ~1 document in 4: held-out-pair
+colour 74/70/80/76% and trained-pair colour+shape 90-96% (against 83-89%), but caption
 infilling falls to chance (12-20%): the model repeats neighbouring words instead of ending
 the span. Square-root weighting (2 seeds) kept neither: held-out colour 65%, infilling 65%.
 """
