@@ -10,17 +10,17 @@ after the body, so the model learns infilling while still training left to right
 The sentinels themselves get no loss (engine.data.packing ignores every target that is a
 sentinel). Our choices where the paper is silent: a span's segment is drawn among the
 segments that hold maskable (BPE or image) tokens, uniformly or in proportion to its length
-(`segment_weighting`), the span's length uniformly in [1, segment length], its start
+(`span_segments`), the span's length uniformly in [1, segment length], its start
 uniformly; a draw that would overlap an earlier span is retried, and given up after a few
 tries (so n is an upper bound on tight documents).
 
 The weighting trades two abilities (tiny preset, seeds 0-3, CFG 3; bench/results/
 tiny_span_placement_cpu-epyc-2core.json). "uniform" (the default) puts a span in the
-~10-token caption of half the text-to-image documents: the model learns CM3 infilling of a
+~10-token caption of ~3 in 5 text-to-image documents: the model learns CM3 infilling of a
 masked caption word (64-88% recovered) but also "a <mask:0> star" -> the colours stars are
 seen in, which a held-out pair like "a red star" must overcome (held-out-pair colour
 62/75/62/62%). "length" puts a span in the caption of ~1 document in 4: held-out-pair
-colour 74/70/80/76% and trained-pair colour+shape 90-96% (against 83-89%), but caption
+colour 74/70/80/76% and trained-pair colour+shape 89-96% (against 83-89%), but caption
 infilling falls to chance (12-20%): the model repeats neighbouring words instead of ending
 the span. Square-root weighting (2 seeds) kept neither: held-out colour 65%, infilling 65%.
 """
@@ -66,10 +66,10 @@ def _maskable(seg: list[int], vocab: Vocab) -> bool:
 
 
 def cm3_transform(body: list[int], vocab: Vocab, rng: np.random.Generator,
-                  max_spans: int = 16, segment_weighting: str = "uniform") -> list[int]:
+                  max_spans: int = 16, span_segments: str = "uniform") -> list[int]:
     """body = a document's ids between <bos> and <eos>. Returns the transformed body."""
-    if segment_weighting not in SPAN_SEGMENTS:
-        raise ValueError(f"unknown segment_weighting {segment_weighting!r}; choose one of: "
+    if span_segments not in SPAN_SEGMENTS:
+        raise ValueError(f"unknown span_segments {span_segments!r}; choose one of: "
                          f"{', '.join(SPAN_SEGMENTS)}")
     max_spans = min(max_spans, vocab.num_sentinels)
     segs = split_segments(body, vocab)
@@ -78,7 +78,7 @@ def cm3_transform(body: list[int], vocab: Vocab, rng: np.random.Generator,
     if not candidates:
         return list(body)
     weights = None
-    if segment_weighting == "length":
+    if span_segments == "length":
         weights = np.array([len(segs[i]) for i in candidates], dtype=np.float64)
         weights /= weights.sum()
     n = int(np.clip(rng.poisson(1.0), 1, max_spans))

@@ -112,7 +112,7 @@ def test_span_segment_weighting(weighting, share):
     rng = np.random.default_rng(0)
     in_caption = single = 0
     for _ in range(6000):
-        out = cm3_transform(body, V, rng, segment_weighting=weighting)
+        out = cm3_transform(body, V, rng, span_segments=weighting)
         assert undo_cm3(out, V) == body
         spans = spans_of(out)
         if len(spans) == 1:
@@ -121,6 +121,6 @@ def test_span_segment_weighting(weighting, share):
     assert abs(in_caption / single - share) < 0.02
 
 
-def test_unknown_segment_weighting_is_refused():
-    with pytest.raises(ValueError, match="segment_weighting"):
-        cm3_transform([V.bpe_start], V, np.random.default_rng(0), segment_weighting="sqrt")
+def test_unknown_span_segments_is_refused():
+    with pytest.raises(ValueError, match="span_segments"):
+        cm3_transform([V.bpe_start], V, np.random.default_rng(0), span_segments="sqrt")
