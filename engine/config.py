@@ -99,6 +99,9 @@ class TrainConfig:
     # in proportion to "length" (fewer caption holes: better held-out colour-shape pairs,
     # no caption infilling). The trade is measured in engine/data/cm3.py's docstring.
     span_segments: str = "uniform"
+    # False: the image right after a caption holding a CM3 span is context for the infill, not
+    # a target (engine.data.cm3.images_after_caption_spans says why).
+    image_loss_after_caption_span: bool = True
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
@@ -118,6 +121,15 @@ class DataConfig:
     eval_size: int = 512
     bpe_corpus_size: int = 5_000     # captions used to train the BPE
     image_first_prob: float = 0.2    # image-then-caption documents (captioning direction)
+    # Documents that are the caption alone (<bos> CM3(caption) <eos>, no image): CM3 infilling
+    # practice that trains no image on a holed caption (engine/data/corpus.py).
+    caption_only_prob: float = 0.0
+
+    def __post_init__(self):
+        for name in ("image_first_prob", "caption_only_prob"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1], got {p}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ atomically. Resuming restores model, optimizer and step; the data stream is rese
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from engine.checkpoint import (latest_checkpoint, list_checkpoints, load_average, load_model_weights,
                                load_optimizer, save_checkpoint)
 from engine.config import TrainConfig
+from engine.data.cm3 import images_after_caption_spans
 from engine.data.packing import Packer
 from engine.model import Transformer
 from engine.weight_average import WeightAverage
@@ -77,8 +79,10 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
             average.copy_to(model)
         return _read_metrics(run_dir)
     _truncate_metrics(run_dir, start)   # drop lines logged after the checkpoint we resume from
+    context_only = None if cfg.image_loss_after_caption_span else \
+        functools.partial(images_after_caption_spans, vocab=vocab)
     packer = Packer(stream_factory(cfg.seed * 1_000_003 + start), vocab, model.cfg.max_seq_len,
-                    row_len=cfg.row_tokens or None)
+                    row_len=cfg.row_tokens or None, context_only=context_only)
     use_bf16 = cfg.autocast_bf16 and bf16_autocast_ok(device)
     metrics_f = open(Path(run_dir) / "metrics.jsonl", "a")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",

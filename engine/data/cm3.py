@@ -105,6 +105,38 @@ def cm3_transform(body: list[int], vocab: Vocab, rng: np.random.Generator,
     return out + body[pos:] + tail
 
 
+def images_after_caption_spans(doc: list[int], vocab: Vocab) -> list[tuple[int, int]]:
+    """[start, end) ranges of a transformed document (<bos> ... <eos>) holding the in-place
+    image codes of every image segment that directly follows a caption with a CM3 span in it.
+
+    Such an image is the context its caption's infill is read from; trained as a target it
+    teaches "a <mask:0> star" -> the colours stars come in, the prior that a held-out pair
+    like "a red star" must overcome (TrainConfig.image_loss_after_caption_span). A caption is
+    a segment with no image code; one masked whole is the bare sentinel."""
+    seen: set[int] = set()
+    head_end = len(doc)
+    for j, t in enumerate(doc):
+        if vocab.is_sentinel(t):
+            if t in seen:
+                head_end = j          # the appended spans start here
+                break
+            seen.add(t)
+    if not seen:
+        return []
+    ranges: list[tuple[int, int]] = []
+    holed_caption, start = False, 0
+    for j in range(head_end + 1):
+        if j < head_end and doc[j] != vocab.brk:
+            continue
+        seg = doc[start:j]
+        images = [k for k, t in enumerate(seg, start) if vocab.is_image(t)]
+        if holed_caption and images:
+            ranges.append((images[0], images[-1] + 1))
+        holed_caption = not images and any(vocab.is_sentinel(t) for t in seg)
+        start = j + 1
+    return ranges
+
+
 def undo_cm3(seq: list[int], vocab: Vocab) -> list[int]:
     """Inverse of cm3_transform: splice every appended span back at its sentinel."""
     first_tail = None

@@ -97,7 +97,14 @@ def build_document(caption: list[int], codes, vocab: Vocab, train: TrainConfig, 
                    rng: np.random.Generator,
                    retrieved: list[tuple[list[int], list[int]]] | None = None) -> list[int]:
     """One training sequence: <bos> CM3(segments) <eos>; `retrieved` (caption ids, codes)
-    documents are prepended as the module docstring lays out."""
+    documents are prepended as the module docstring lays out.
+
+    With probability data.caption_only_prob the document is the caption alone: CM3 spans then
+    all fall in the caption (infilling practice) and no image follows a holed caption. No
+    draw is spent on it when the probability is 0, so such streams are as before."""
+    if data.caption_only_prob > 0 and rng.random() < data.caption_only_prob:
+        body = cm3_transform(list(caption), vocab, rng, train.max_spans, train.span_segments)
+        return [vocab.bos] + body + [vocab.eos]
     image = [vocab.image_token(int(c)) for c in codes]
     image_first = rng.random() < data.image_first_prob
     segs = [image, caption] if image_first else [caption, image]

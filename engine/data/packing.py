@@ -4,12 +4,14 @@ Each row of `row_len` tokens (default `seq_len`) holds whole documents of at mos
 tokens back to back; the remainder is padding. Positions restart at 0 in every document,
 `cu_seqlens` (over the flattened B*S stream) tells attention where documents start, and a
 document never crosses a row. A target is the next token of the same document; the last
-token of a document, padding, and every target that is a CM3 sentinel carry IGNORE (no loss).
+token of a document, padding, and every target that is a CM3 sentinel carry IGNORE (no loss);
+so do targets inside the ranges `context_only(doc)` names (tokens the model reads but is not
+taught to produce: engine.data.cm3.images_after_caption_spans).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -37,12 +39,14 @@ class Packer:
     """Pulls documents from an iterator and packs them into batches; never splits one."""
 
     def __init__(self, docs: Iterator[list[int]], vocab: Vocab, seq_len: int,
-                 row_len: int | None = None):
+                 row_len: int | None = None,
+                 context_only: Callable[[list[int]], list[tuple[int, int]]] | None = None):
         row_len = seq_len if row_len is None else row_len
         if row_len < seq_len:
             raise ValueError(f"row_len {row_len} is shorter than seq_len {seq_len}: a "
                              "document of seq_len tokens would never fit a row")
         self.docs, self.vocab, self.seq_len, self.row_len = docs, vocab, seq_len, row_len
+        self.context_only = context_only
         self.pending: list[int] | None = None
         self.skipped = 0          # documents longer than seq_len (counted, never truncated)
 
@@ -60,6 +64,7 @@ class Packer:
         S = self.row_len
         flat: list[int] = []          # the rows' tokens back to back, padding included
         bounds = [0]
+        context: list[tuple[int, int]] = []     # [start, end) in flat: no loss as targets
         for row in range(batch_size):
             used = 0
             while True:
@@ -67,6 +72,8 @@ class Packer:
                 if used + len(doc) > S:
                     self.pending = doc
                     break
+                if self.context_only is not None:
+                    context += [(len(flat) + a, len(flat) + b) for a, b in self.context_only(doc)]
                 flat += doc
                 used += len(doc)
                 bounds.append(row * S + used)
@@ -84,6 +91,12 @@ class Packer:
         sentinel = (targets >= self.vocab.sentinel_start) & (targets < self.vocab.bpe_start)
         doc_end = torch.zeros_like(ids, dtype=torch.bool)
         doc_end[cu[1:].long() - 1] = True
-        targets[sentinel | doc_end | (ids == self.vocab.pad)] = IGNORE
+        no_loss = sentinel | doc_end | (ids == self.vocab.pad)
+        if context:
+            read_only = torch.zeros_like(no_loss)
+            for a, b in context:
+                read_only[a:b] = True
+            no_loss |= torch.roll(read_only, -1)     # the target of position j is token j + 1
+        targets[no_loss] = IGNORE
         return PackedBatch(ids.view(batch_size, S), targets.view(batch_size, S),
                            positions.view(batch_size, S), cu)
