@@ -14,15 +14,23 @@ segments that hold maskable (BPE or image) tokens, uniformly or in proportion to
 uniformly; a draw that would overlap an earlier span is retried, and given up after a few
 tries (so n is an upper bound on tight documents).
 
-The weighting trades two abilities (tiny preset, seeds 0-3, CFG 3; bench/results/
-tiny_span_placement_cpu-epyc-2core.json). "uniform" (the default) puts a span in the
-~10-token caption of ~3 in 5 text-to-image documents: the model learns CM3 infilling of a
-masked caption word (64-88% recovered) but also "a <mask:0> star" -> the colours stars are
-seen in, which a held-out pair like "a red star" must overcome (held-out-pair colour
-62/75/62/62%). "length" puts a span in the caption of ~1 document in 4: held-out-pair
-colour 74/70/80/76% and trained-pair colour+shape 89-96% (against 83-89%), but caption
-infilling falls to chance (12-20%): the model repeats neighbouring words instead of ending
-the span. Square-root weighting (2 seeds) kept neither: held-out colour 65%, infilling 65%.
+Where the spans fall, and what is trained after them, decides held-out colour-shape pairs
+(tiny preset, seeds 0-3, CFG 3; bench/results/tiny_span_placement_cpu-epyc-2core.json).
+Plain CM3 ("uniform" segments, loss on every target but the sentinels) holes the ~10-token
+caption of ~3 in 5 text-to-image documents, and the image after it is trained as
+"a <mask:0> star" -> the colours stars come in: the prior a held-out pair like "a red star"
+must overcome (held-out-pair colour 62/75/62/62%, caption infilling 64-88% recovered).
+Three switches, all on in the tiny preset:
+  - span_segments="length": a segment in proportion to its length (a caption span in ~1
+    document in 4). Alone: held-out colour 74/70/80/76%, but caption infilling falls to
+    chance (12-20%): the model repeats neighbouring words instead of ending the span.
+  - DataConfig.caption_only_prob = 0.2 (engine/data/corpus.py): caption-only documents bring
+    infilling back (57-64%) and keep held-out colour (67/85/77/73%).
+  - TrainConfig.image_loss_after_caption_span = False (images_after_caption_spans below):
+    the image after a holed caption is context, not a target. With the other two: held-out
+    colour 77/83/81/84% (mean 81%), trained-pair colour+shape 89-93% (plain: 83-89%),
+    caption infilling 54-61% (chance 18%).
+Square-root weighting (2 seeds) kept neither: held-out colour 65%, infilling 65%.
 """
 from __future__ import annotations
 
