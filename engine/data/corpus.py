@@ -18,8 +18,10 @@ The <eos> segment is what tells the model that a document ended (a <break> alone
 separates a caption from its image); it holds no BPE or image id, so CM3 never masks it.
 CFG condition dropout drops the retrieved documents together with the query's caption: the
 unconditional form stays "<bos> <mask> <break> image <eos>", the row CFG sampling uses. A
-missing neighbour (id -1: fewer than k survived the selection rules) is left out. Without
-neighbours every function here is byte-for-byte what it was, RNG draws included.
+missing neighbour (id -1: fewer than k survived the selection rules) is left out. A
+caption-only document (data.caption_only_prob) takes no neighbours. Without neighbours and
+with caption_only_prob 0, every function here is byte-for-byte what it was before either,
+RNG draws included.
 """
 from __future__ import annotations
 
