@@ -65,3 +65,16 @@ def test_packer_drops_exactly_the_targets_of_the_context_tokens():
         assert all(V.is_image(int(t)) for t in a.targets[changed])
         dropped += int(changed.sum())
     assert dropped > 0
+
+
+def test_packer_context_targets_on_a_known_row():
+    holed = [V.bos, W[0], S0, V.brk] + IMG + [S0, W[1], V.eos]      # image at 4..7
+    plain = [V.bos, W[2], V.brk] + IMG + [V.eos]
+    docs = iter([holed, plain, [V.bos] * 20])                        # the last waits for row 2
+    b = Packer(docs, V, seq_len=32, context_only=lambda d: images_after_caption_spans(d, V))
+    t = b.next_batch(1).targets[0].tolist()
+    want = holed[1:] + [IGNORE] + plain[1:] + [IGNORE] + [IGNORE] * (32 - len(holed) - len(plain))
+    want[1] = want[7] = IGNORE       # the targets that are sentinels
+    for j in range(3, 7):            # positions 3..6 predict the in-place codes at 4..7
+        want[j] = IGNORE
+    assert t == want
