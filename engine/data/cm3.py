@@ -115,6 +115,17 @@ def cm3_transform(body: list[int], vocab: Vocab, rng: np.random.Generator,
     return out + body[pos:] + tail
 
 
+def _tail_start(seq: list[int], vocab: Vocab) -> int | None:
+    """Index where the appended "<mask:i> span" tail starts: the first repeated sentinel."""
+    seen: set[int] = set()
+    for j, t in enumerate(seq):
+        if vocab.is_sentinel(t):
+            if t in seen:
+                return j
+            seen.add(t)
+    return None
+
+
 def images_after_caption_spans(doc: list[int], vocab: Vocab) -> list[tuple[int, int]]:
     """[start, end) ranges of a transformed document (<bos> ... <eos>) holding the in-place
     image codes of every image segment that directly follows a caption with a CM3 span in it.
@@ -123,40 +134,23 @@ def images_after_caption_spans(doc: list[int], vocab: Vocab) -> list[tuple[int, 
     teaches "a <mask:0> star" -> the colours stars come in, the prior that a held-out pair
     like "a red star" must overcome (TrainConfig.image_loss_after_caption_span). A caption is
     a segment with no image code; one masked whole is the bare sentinel."""
-    seen: set[int] = set()
-    head_end = len(doc)
-    for j, t in enumerate(doc):
-        if vocab.is_sentinel(t):
-            if t in seen:
-                head_end = j          # the appended spans start here
-                break
-            seen.add(t)
-    if not seen:
+    head_end = _tail_start(doc, vocab)
+    if head_end is None:
         return []
     ranges: list[tuple[int, int]] = []
     holed_caption, start = False, 0
-    for j in range(head_end + 1):
-        if j < head_end and doc[j] != vocab.brk:
-            continue
-        seg = doc[start:j]
+    for seg in split_segments(doc[:head_end], vocab):
         images = [k for k, t in enumerate(seg, start) if vocab.is_image(t)]
         if holed_caption and images:
             ranges.append((images[0], images[-1] + 1))
         holed_caption = not images and any(vocab.is_sentinel(t) for t in seg)
-        start = j + 1
+        start += len(seg) + 1                 # the segment and its <break>
     return ranges
 
 
 def undo_cm3(seq: list[int], vocab: Vocab) -> list[int]:
     """Inverse of cm3_transform: splice every appended span back at its sentinel."""
-    first_tail = None
-    seen: set[int] = set()
-    for j, t in enumerate(seq):
-        if vocab.is_sentinel(t):
-            if t in seen:
-                first_tail = j
-                break
-            seen.add(t)
+    first_tail = _tail_start(seq, vocab)
     if first_tail is None:
         return list(seq)
     head, tail = seq[:first_tail], seq[first_tail:]
