@@ -64,6 +64,20 @@ def sdpa_impls(device: torch.device) -> dict:
     return impls
 
 
+def triton_tiles(kind: str, d: int, causal: bool, q, k, v) -> str:
+    """The tiles (and, for the forward, the load variant) the Triton row ran with."""
+    from kernels import flash_attention as fa
+    kinds = ("fwd",) if kind == "fwd" else ("dkdv", "dq")
+    parts = []
+    for pass_ in kinds:
+        blk = fa.pick_blocks(pass_, d, causal, q.dtype)
+        tag = f"{blk.block_m}x{blk.block_n}w{blk.num_warps}s{blk.num_stages}"
+        if pass_ == "fwd":
+            tag += f":{fa.fwd_variant(blk, q, k, v)}"
+        parts.append(tag)
+    return "/".join(parts)
+
+
 def bench_case(b, h, s, d, causal, device, dtype, note="") -> list[Row]:
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, generator=gen).requires_grad_()
@@ -99,6 +113,8 @@ def bench_case(b, h, s, d, causal, device, dtype, note="") -> list[Row]:
         extra = {"TFLOP/s": tflops}
         if peak is not None:
             extra["% peak"] = 100 * tflops / peak
+        if name == "triton":
+            extra["tiles"] = triton_tiles(kind, d, causal, q, k, v)
         mask = "causal" if causal else "full"
         rows.append(Row("attention", f"{kind} b={b} h={h} s={s} d={d} {mask}{note}", name, ms,
                         ratio=None if base is None else base[0] / ms, peak_mem_mb=mem,

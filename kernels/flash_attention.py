@@ -34,6 +34,14 @@ class Blocks(NamedTuple):
     block_n: int   # key rows per tile
     num_warps: int
     num_stages: int
+    # How the forward reads its tiles (the backward always uses pointers):
+    #  "ptr": pointer arithmetic with masked loads (any strides, any GPU);
+    #  "tma": Hopper's tensor-memory accelerator via tensor descriptors (see tma_ready);
+    #  "tma_ws": TMA plus Triton's warp specialisation of the key loop.
+    variant: str = "ptr"
+
+
+VARIANTS = ("ptr", "tma", "tma_ws")
 
 
 # Hopper (H100/H200) tiles, keyed on (pass, head-dim bucket, causal): the fastest correct
@@ -73,7 +81,8 @@ _INTERPRETER = Blocks(32, 32, 1, 1)
 
 def load_block_table(path: str) -> dict[tuple[str, int, bool], Blocks]:
     """A tile table written by scripts/tune_flash_attention.py: a JSON list of
-    {"kind", "head_dim", "causal", "blocks": [block_m, block_n, num_warps, num_stages]}."""
+    {"kind", "head_dim", "causal", "blocks": [block_m, block_n, num_warps, num_stages]} and,
+    for the forward, an optional "variant" (one of VARIANTS; "ptr" when absent)."""
     with open(path) as f:
         entries = json.load(f)
     table = {}
@@ -81,7 +90,11 @@ def load_block_table(path: str) -> dict[tuple[str, int, bool], Blocks]:
         key = (e["kind"], int(e["head_dim"]), bool(e["causal"]))
         if key not in _HOPPER:
             raise ValueError(f"{path}: unknown tile key {key}; keys are {sorted(_HOPPER)}")
-        table[key] = Blocks(*(int(x) for x in e["blocks"]))
+        variant = e.get("variant", "ptr")
+        if variant not in VARIANTS or (variant != "ptr" and key[0] != "fwd"):
+            raise ValueError(f"{path}: {key}: variant {variant!r} is not one of "
+                             f"{VARIANTS} (only the forward has the TMA variants)")
+        table[key] = Blocks(*(int(x) for x in e["blocks"]), variant=variant)
     return table
 
 
@@ -115,6 +128,42 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]} not in {HEAD_DIMS}"
     return None
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can address these [B, H, S, d] tensors: unit last stride,
+    16-byte aligned base and other strides (the hardware's rule), on a Hopper-or-newer GPU
+    or in the interpreter. Anything else takes the pointer kernel, which reads any layout."""
+    for t in tensors:
+        if t.device.type == "cuda":
+            if torch.cuda.get_device_capability(t.device)[0] < 9:
+                return False
+        elif not INTERPRETED:
+            return False
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def fwd_variant(blk: Blocks, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The variant the forward launches: the table's, unless the tensors rule TMA out."""
+    return blk.variant if blk.variant == "ptr" or tma_ready(q, k, v) else "ptr"
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Tensor descriptors made inside a kernel live in a little global memory per program,
+    which Triton asks of the allocator given to triton.set_allocator (a context variable).
+    Give it torch's caching allocator, unless the caller already set one of their own."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def doc_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +202,9 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         return out.zero_(), lse.fill_(float("-inf"))
     start, end, varlen = _varlen_args(cu_seqlens, q)
     blk = pick_blocks("fwd", d, causal, q.dtype)
+    variant = fwd_variant(blk, q, k, v)
+    if variant != "ptr" and q.device.type == "cuda":
+        _ensure_scratch_allocator()
     grid = (triton.cdiv(sq, blk.block_m), batch * heads)
     flash_fwd_kernel[grid](
         q, k, v, out, lse, start, end,
@@ -160,7 +212,8 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         heads, heads // k.shape[1], sq, sk, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=max(triton.next_power_of_2(d), 16),
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, CAUSAL=causal, VARLEN=varlen,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=blk.num_warps, num_stages=blk.num_stages)
+        DOT_PRECISION=_dot_precision(q.dtype), TMA=variant != "ptr",
+        WARP_SPECIALIZE=variant == "tma_ws", num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out, lse
 
 

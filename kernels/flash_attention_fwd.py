@@ -18,6 +18,13 @@ Each program's key loop runs in two parts: first the whole key blocks that every
 query block sees (no score mask, no load masks: the hot loop), then the blocks on the causal
 diagonal and the ragged end of the keys, masked. Packed documents take the masked loop
 throughout. The backward kernels split their loops the same way.
+
+Three ways to read the tiles (kernels/flash_attention.py picks one per tile-table entry):
+pointers with masked loads (any strides, any GPU); Hopper's tensor-memory accelerator (TMA)
+through per-(batch, head) tensor descriptors, which copies whole tiles into shared memory
+with the copy engine instead of the threads; and TMA with Triton's warp specialisation,
+where producer warps issue the copies and the consumer warpgroup only computes. The pointer
+path compiles to the same instructions as before the other two existed (sm_90, Triton 3.6).
 """
 from __future__ import annotations
 
@@ -76,13 +83,37 @@ def full_key_end(start_m, lo, hi, SQ, SK, BLOCK_N: tl.constexpr, CAUSAL: tl.cons
 
 
 @triton.jit
+def fwd_step(acc, l_i, m_i, q, kt, v, offs_m, offs_n, SQ, SK, scale_log2, q_doc_start,
+             q_doc_end, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """One online-softmax update with the key block kt [d, BLOCK_N] and values v."""
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if MASKED:
+        mask = score_mask(offs_m[:, None], offs_n[None, :], SQ, SK, q_doc_start[:, None],
+                          q_doc_end[:, None], CAUSAL, VARLEN)
+        s = tl.where(mask, s, float("-inf"))
+    # The scale (> 0) is applied after the row max and inside the exponent's argument,
+    # so each score costs one fused multiply-add before exp2 instead of a multiply and
+    # a subtract.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # P is rounded to the input dtype for the tensor-core matmul (as every flash kernel
+    # does); the sum above and the accumulator stay in fp32.
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d,
                    start, stop, SQ, SK, scale_log2, q_doc_start, q_doc_end,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    """Online-softmax update over key blocks [start, stop). MASKED=False is the hot loop:
-    whole blocks that every row sees, so no score mask and no key-row load mask."""
+    """Online-softmax update over key blocks [start, stop), loading through pointers.
+    MASKED=False is the hot loop: whole blocks that every row sees, so no score mask and
+    no key-row load mask."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, stop, BLOCK_N):
@@ -99,22 +130,36 @@ def fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m,
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        if MASKED:
-            mask = score_mask(offs_m[:, None], offs_n[None, :], SQ, SK, q_doc_start[:, None],
-                              q_doc_end[:, None], CAUSAL, VARLEN)
-            s = tl.where(mask, s, float("-inf"))
-        # The scale (> 0) is applied after the row max and inside the exponent's argument,
-        # so each score costs one fused multiply-add before exp2 instead of a multiply and
-        # a subtract.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-        p = tl.math.exp2(s * scale_log2 - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # P is rounded to the input dtype for the tensor-core matmul (as every flash kernel
-        # does); the sum above and the accumulator stay in fp32.
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, offs_n, SQ, SK, scale_log2,
+                                 q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def fwd_key_blocks_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, start, stop, SQ, SK,
+                       scale_log2, q_doc_start, q_doc_end, BLOCK_N: tl.constexpr,
+                       CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """fwd_key_blocks with K and V read through tensor descriptors (Hopper's TMA engine):
+    whole tiles are copied into shared memory by the hardware, with rows past SK filled
+    with zeros, so neither loop needs address arithmetic or load masks. WARP_SPECIALIZE asks
+    the compiler to give the copies their own warps (a producer/consumer split); the loop
+    body is written twice because that option exists only on tl.range."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    if WARP_SPECIALIZE:
+        for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=True):
+            kt = k_desc.load([start_n, 0]).T
+            v = v_desc.load([start_n, 0])
+            acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, start_n + offs_n0, SQ, SK,
+                                     scale_log2, q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED,
+                                     DOT_PRECISION)
+    else:
+        for start_n in range(start, stop, BLOCK_N):
+            kt = k_desc.load([start_n, 0]).T
+            v = v_desc.load([start_n, 0])
+            acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, start_n + offs_n0, SQ, SK,
+                                     scale_log2, q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED,
+                                     DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -128,8 +173,15 @@ def flash_fwd_kernel(
     H, GROUPS, SQ, SK, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
+    """TMA=True reads Q, K, V and writes O through tensor descriptors made here, one per
+    (batch, head) [S, d] matrix, so a tile never reaches into the next head and the ragged
+    end needs no masks. It needs a unit last stride, 16-byte aligned bases and strides and
+    HEAD_DIM == BLOCK_D (the launcher checks); the pointer path takes any strides.
+    WARP_SPECIALIZE=True (implies TMA) runs one warp-specialised key loop."""
+    tl.static_assert(TMA or not WARP_SPECIALIZE, "WARP_SPECIALIZE needs TMA")
     pid_m = tl.program_id(0)
     if CAUSAL:
         # Causal blocks near the end of the sequence do the most work; launching them first
@@ -145,10 +197,21 @@ def flash_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < SQ
 
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q_base = Q + b * sqb + h * sqh
+    if TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[SQ, HEAD_DIM], strides=[sqs, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        q = q_desc.load([pid_m * BLOCK_M, 0])
+    else:
+        q_ptrs = q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[SK, HEAD_DIM], strides=[sks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[SK, HEAD_DIM], strides=[svs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
 
     q_doc_start = offs_m
     q_doc_end = offs_m
@@ -162,19 +225,39 @@ def flash_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Whole, fully visible key blocks first (no masks), then the diagonal and the ragged end.
     mid = full_key_end(pid_m * BLOCK_M, lo, hi, SQ, SK, BLOCK_N, CAUSAL, VARLEN)
-    acc, l_i, m_i = fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, lo, mid, SQ, SK,
-        scale_log2, q_doc_start, q_doc_end, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, VARLEN, False,
-        DOT_PRECISION)
-    acc, l_i, m_i = fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, mid, hi, SQ, SK,
-        scale_log2, q_doc_start, q_doc_end, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, VARLEN, True,
-        DOT_PRECISION)
+    if WARP_SPECIALIZE:
+        # Triton's Hopper warp specialisation takes exactly one loop per kernel (a second
+        # loop, before or after, fails its pass), so every block goes through the masked
+        # body: a compare and a select per score buys the producer/consumer split.
+        acc, l_i, m_i = fwd_key_blocks_tma(
+            acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, hi, SQ, SK, scale_log2, q_doc_start,
+            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, True)
+    elif TMA:
+        acc, l_i, m_i = fwd_key_blocks_tma(
+            acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, mid, SQ, SK, scale_log2, q_doc_start,
+            q_doc_end, BLOCK_N, CAUSAL, VARLEN, False, DOT_PRECISION, False)
+        acc, l_i, m_i = fwd_key_blocks_tma(
+            acc, l_i, m_i, q, k_desc, v_desc, offs_m, mid, hi, SQ, SK, scale_log2, q_doc_start,
+            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, False)
+    else:
+        acc, l_i, m_i = fwd_key_blocks(
+            acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, lo, mid, SQ,
+            SK, scale_log2, q_doc_start, q_doc_end, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, VARLEN,
+            False, DOT_PRECISION)
+        acc, l_i, m_i = fwd_key_blocks(
+            acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, mid, hi, SQ,
+            SK, scale_log2, q_doc_start, q_doc_end, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, VARLEN,
+            True, DOT_PRECISION)
 
     # Padded rows (beyond SQ) saw no key: keep them finite, they are not stored.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    if TMA:
+        o_desc = tl.make_tensor_descriptor(O + b * sob + h * soh, shape=[SQ, HEAD_DIM],
+                                           strides=[sos, 1], block_shape=[BLOCK_M, BLOCK_D])
+        o_desc.store([pid_m * BLOCK_M, 0], out.to(O.dtype.element_ty))
+    else:
+        o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
     tl.store(LSE + pid_bh.to(tl.int64) * SQ + offs_m, lse, mask=m_ok)

@@ -6,11 +6,14 @@
 For each pass (forward, dK/dV, dQ), head-dim bucket (64, 128) and mask (causal, full) it
 times a short list of candidate tiles at the benchmark's shape (b * s = 16k tokens,
 h * d = 2048, bf16), one candidate at a time in the kernels' own tile table, and keeps the
-fastest whose output matches the reference. A tile the compiler rejects (too much shared
-memory, too many registers) is reported and skipped. The backward kinds are timed as the
+fastest whose output matches the reference. Forward candidates also name how the tiles are
+read (pointers, TMA, or TMA with warp specialisation; see Blocks.variant), so the table
+records the variant that won. A tile the compiler rejects (too much shared memory, too many
+registers) is reported and skipped. The backward kinds are timed as the
 whole backward op, so a dK/dV tile is compared with the dQ tile held fixed (and vice versa).
 The current table's entry is always among the candidates, so the result is never slower
-than it as measured here. A time budget stops the sweep early; what was measured is kept.
+than it as measured here. A time budget stops the sweep early; the table is rewritten after
+every key, so what was measured is kept even if the process dies.
 """
 from __future__ import annotations
 
@@ -27,10 +30,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import flash_attention as fa  # noqa: E402
 from kernels.flash_attention import Blocks  # noqa: E402
 
-# Candidates per pass, (block_m, block_n, num_warps, num_stages): around the table's
-# reasoning (see kernels/flash_attention.py), plus the neighbours most often best on Hopper.
+# Candidates per pass, (block_m, block_n, num_warps, num_stages[, forward variant]): around
+# the table's reasoning (see kernels/flash_attention.py), plus the neighbours most often best
+# on Hopper. The forward's TMA variants come first (the untested ones, in case the budget
+# runs out); "tma_ws" only with 4 warps, the one count Triton's Hopper warp specialisation
+# splits (it turns 4 into 12: one consumer warpgroup, two producers). Every forward
+# candidate compiles for sm_90 on Triton 3.6 and 3.9 without a GPU
+# (tests/ops/test_flash_attention_compile.py checks the list).
 CANDIDATES = {
-    "fwd": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 4), (64, 128, 4, 2),
+    "fwd": [(64, 64, 4, 3, "tma"), (64, 64, 4, 4, "tma"), (64, 128, 4, 2, "tma"),
+            (128, 64, 8, 3, "tma"), (128, 128, 8, 2, "tma"), (128, 128, 8, 3, "tma"),
+            (64, 64, 4, 2, "tma_ws"), (64, 64, 4, 3, "tma_ws"), (64, 128, 4, 2, "tma_ws"),
+            (128, 64, 4, 2, "tma_ws"), (128, 128, 4, 2, "tma_ws"),
+            (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 4), (64, 128, 4, 2),
             (64, 128, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3),
             (128, 128, 8, 2), (128, 32, 4, 4), (128, 64, 4, 3)],
     "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3),
@@ -58,7 +70,7 @@ def measure(kind, d, causal, seq, cand, ref):
     import triton.testing
     q, k, v, g = inputs(seq, d)
     scale = d ** -0.5
-    fa._HOPPER[(kind, d, causal)] = Blocks(*cand)
+    fa._HOPPER[(kind, d, causal)] = cand
     if kind == "fwd":
         def fn():
             return fa.flash_attention_fwd(q, k, v, causal, scale)[0]
@@ -109,9 +121,18 @@ def main(argv=None) -> int:
             ap.error(f"unknown keys {sorted(unknown)}")
         keys = [key for key in keys if key in wanted]
     table, log = [], []
+
+    def write():
+        # After every key, so a sweep cut short (time limit, a crash) keeps what it measured.
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(table, indent=1) + "\n")
+        if args.log:
+            args.log.write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                seq=args.seq, measurements=log), indent=1) + "\n")
+
     for kind, d, causal in keys:
-        current = tuple(fa._HOPPER[(kind, d, causal)])
-        cands = [current] + [c for c in CANDIDATES[kind] if c != current]
+        current = fa._HOPPER[(kind, d, causal)]
+        cands = [current] + [c for c in (Blocks(*t) for t in CANDIDATES[kind]) if c != current]
         ref = reference(kind, d, causal, args.seq)
         # Two bf16 kernels differ by a few ulps of the largest value (2^-8 relative each);
         # a wrong tile (a mask or bound bug) is off by the values themselves.
@@ -123,30 +144,29 @@ def main(argv=None) -> int:
             try:
                 ms, err = measure(kind, d, causal, args.seq, cand, ref)
             except Exception as exc:  # a tile the compiler or the launch rejects
-                print(f"{kind} d={d} causal={causal} {cand}: rejected ({type(exc).__name__}: "
+                print(f"{kind} d={d} causal={causal} {tuple(cand)}: rejected ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:80]})", flush=True)
                 continue
             ok = err <= tol
             tf = tflops(args.seq, d, causal, kind, ms)
             mark = "" if ok else f"  WRONG (err {err:.3g} > {tol:.3g})"
-            print(f"{kind} d={d} causal={causal} {cand}: {ms:.3f} ms"
+            print(f"{kind} d={d} causal={causal} {tuple(cand)}: {ms:.3f} ms"
                   f" {tf:.0f} TFLOP/s{mark}", flush=True)
-            log.append(dict(kind=kind, head_dim=d, causal=causal, blocks=list(cand), ms=ms,
-                            err=err, ok=ok, current=cand == current))
+            log.append(dict(kind=kind, head_dim=d, causal=causal, blocks=list(cand[:4]),
+                            variant=cand.variant, ms=ms, err=err, ok=ok,
+                            current=cand == current))
             if ok and (best is None or ms < best[1]):
                 best = (cand, ms)
-        fa._HOPPER[(kind, d, causal)] = Blocks(*(best[0] if best else current))
+        fa._HOPPER[(kind, d, causal)] = best[0] if best else current
         if best is not None:
-            table.append(dict(kind=kind, head_dim=d, causal=causal, blocks=list(best[0]),
-                              ms=best[1], seq=args.seq))
-            print(f"-> {kind} d={d} causal={causal}: {best[0]} {best[1]:.3f} ms", flush=True)
+            table.append(dict(kind=kind, head_dim=d, causal=causal, blocks=list(best[0][:4]),
+                              variant=best[0].variant, ms=best[1], seq=args.seq))
+            print(f"-> {kind} d={d} causal={causal}: {tuple(best[0])} {best[1]:.3f} ms",
+                  flush=True)
+        write()
         del ref
         torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(table, indent=1) + "\n")
-    if args.log:
-        args.log.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), seq=args.seq,
-                                            measurements=log), indent=1) + "\n")
+    write()
     print(f"wrote {args.out} ({len(table)} entries, {time.time() - start:.0f} s)")
     return 0
 

@@ -27,17 +27,21 @@ BF16_FLOOR = 1e-3
 
 
 def make_qkv(b, hq, hkv, s, d, dtype, layout="contiguous"):
+    def randn(*shape):
+        # Cast before any view is taken: .to() of a non-dense view returns a contiguous copy.
+        return torch.randn(*shape).to(dtype)
+
     if layout == "contiguous":
-        q = torch.randn(b, hq, s, d)
-        k, v = torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
+        q = randn(b, hq, s, d)
+        k, v = randn(b, hkv, s, d), randn(b, hkv, s, d)
     elif layout == "bshd":  # the model's layout: views of one [B, S, H, d] projection
-        qkv = torch.randn(b, s, hq + 2 * hkv, d)
+        qkv = randn(b, s, hq + 2 * hkv, d)
         q = qkv[:, :, :hq].transpose(1, 2)
         k, v = qkv[:, :, hq:hq + hkv].transpose(1, 2), qkv[:, :, hq + hkv:].transpose(1, 2)
     else:  # "strided_d": every other element of the head dim
-        q = torch.randn(b, hq, s, 2 * d)[..., ::2]
-        k, v = torch.randn(b, hkv, s, 2 * d)[..., 1::2], torch.randn(b, hkv, s, 2 * d)[..., ::2]
-    return [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        q = randn(b, hq, s, 2 * d)[..., ::2]
+        k, v = randn(b, hkv, s, 2 * d)[..., 1::2], randn(b, hkv, s, 2 * d)[..., ::2]
+    return [x.requires_grad_() for x in (q, k, v)]
 
 
 def cpp(q, k, v, **kw):

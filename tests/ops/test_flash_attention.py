@@ -29,17 +29,22 @@ CPU_DTYPES = [torch.float32, torch.float16]
 
 
 def make_qkv(b, hq, hkv, sq, sk, d, dtype, device, layout="contiguous"):
+    def randn(*shape):
+        # Drawn in fp32 (the same values for every dtype), cast before any view is taken:
+        # .to() of a non-dense view would hand back a contiguous copy.
+        return torch.randn(*shape, device=device).to(dtype)
+
     if layout == "contiguous":
-        q = torch.randn(b, hq, sq, d, device=device)
-        k, v = (torch.randn(b, hkv, sk, d, device=device) for _ in range(2))
+        q = randn(b, hq, sq, d)
+        k, v = (randn(b, hkv, sk, d) for _ in range(2))
     elif layout == "bshd":   # the model's layout: [B, S, H, d] views transposed to [B, H, S, d]
-        q = torch.randn(b, sq, hq, d, device=device).transpose(1, 2)
-        kv = torch.randn(b, sk, 2, hkv, d, device=device)
+        q = randn(b, sq, hq, d).transpose(1, 2)
+        kv = randn(b, sk, 2, hkv, d)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     else:                    # "strided_d": every other element of the head dim
-        q = torch.randn(b, hq, sq, 2 * d, device=device)[..., ::2]
-        k, v = (torch.randn(b, hkv, sk, 2 * d, device=device)[..., 1::2] for _ in range(2))
-    return [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        q = randn(b, hq, sq, 2 * d)[..., ::2]
+        k, v = (randn(b, hkv, sk, 2 * d)[..., 1::2] for _ in range(2))
+    return [x.requires_grad_() for x in (q, k, v)]
 
 
 def check(b, hq, hkv, sq, sk, d, causal, dtype, device="cpu", cu_seqlens=None, layout="contiguous"):

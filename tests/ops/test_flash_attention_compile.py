@@ -16,8 +16,8 @@ from tests.ops.hopper_compile import HOPPER_SMEM_BYTES, run_compile_script
 
 pytest.importorskip("triton")
 
-# Compiles every pass at the Hopper tile table's configs and prints their shared memory.
-SCRIPT = r"""
+# What every script below shares: imports and build(), which compiles one kernel for sm_90.
+BUILD = r"""
 import json, sys
 import torch
 from triton.backends.compiler import GPUTarget
@@ -51,8 +51,12 @@ def build(fn, consts, dtype, num_warps, num_stages):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                      options=dict(num_warps=num_warps, num_stages=num_stages))
-    return kernel.metadata.shared
+    return kernel
 
+"""
+
+# Compiles every pass at the Hopper tile table's configs and prints their shared memory.
+SCRIPT = BUILD + r"""
 results = []
 kernels = {"fwd": flash_fwd_kernel, "dkdv": flash_bwd_dkdv_kernel, "dq": flash_bwd_dq_kernel}
 for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
@@ -65,11 +69,33 @@ for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
                 blk = fa.pick_blocks(kind, d, causal, dtype)
                 consts = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n,
                               CAUSAL=causal, VARLEN=varlen, DOT_PRECISION=fa._dot_precision(dtype))
-                smem = build(fn, consts, tname, blk.num_warps, blk.num_stages)
+                if kind == "fwd":
+                    consts.update(TMA=blk.variant != "ptr", WARP_SPECIALIZE=blk.variant == "tma_ws")
+                smem = build(fn, consts, tname, blk.num_warps, blk.num_stages).metadata.shared
                 results.append([kind, tname, d, causal, smem])
 smem = build(flash_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64,
-                                               HAS_DLSE=True), "bf16", 4, 1)
+                                               HAS_DLSE=True), "bf16", 4, 1).metadata.shared
 results.append(["preprocess", "bf16", 128, False, smem])
+print(json.dumps(results))
+"""
+
+# Compiles the forward's TMA candidates of scripts/tune_flash_attention.py at d=128, causal,
+# bf16 (the headline shape), so a GPU session's sweep spends no time on a tile that cannot
+# build, and reports what the compiler made of each: TMA copies, cp.async copies, warps.
+VARIANTS_SCRIPT = BUILD + r"""
+sys.path.insert(0, "scripts")
+from tune_flash_attention import CANDIDATES
+results = []
+for cand in (fa.Blocks(*c) for c in CANDIDATES["fwd"]):
+    if cand.variant == "ptr":
+        continue
+    consts = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=cand.block_m, BLOCK_N=cand.block_n,
+                  CAUSAL=True, VARLEN=False, DOT_PRECISION="tf32", TMA=True,
+                  WARP_SPECIALIZE=cand.variant == "tma_ws")
+    k = build(flash_fwd_kernel, consts, "bf16", cand.num_warps, cand.num_stages)
+    ptx = k.asm["ptx"]
+    results.append([list(cand), k.metadata.shared, ptx.count("cp.async.bulk.tensor"),
+                    ptx.count("cp.async.cg") + ptx.count("cp.async.ca"), k.metadata.num_warps])
 print(json.dumps(results))
 """
 
@@ -79,3 +105,20 @@ def test_kernels_compile_for_hopper():
     assert len(results) == 16
     for kind, dtype, d, causal, smem in results:
         assert 0 < smem <= HOPPER_SMEM_BYTES, (kind, dtype, d, causal, smem)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda tests launch the kernels here")
+def test_tma_candidates_compile_for_hopper():
+    results = run_compile_script(VARIANTS_SCRIPT, timeout=600, TRITON_DEFAULT_FP_FUSION="1")
+    assert {tuple(c)[4] for c, *_ in results} == {"tma", "tma_ws"}
+    for (bm, bn, warps, stages, variant), smem, tma_copies, async_copies, built_warps in results:
+        cand = (bm, bn, warps, stages, variant)
+        assert 0 < smem <= HOPPER_SMEM_BYTES, (cand, smem)
+        # Every tile arrives by TMA: none falls back to per-thread cp.async copies.
+        assert tma_copies > 0 and async_copies == 0, (cand, tma_copies, async_copies)
+        # Warp specialisation took: the 4 consumer warps gained producer warps. (Triton
+        # leaves a loop it cannot split unspecialised without an error.)
+        if variant == "tma_ws":
+            assert built_warps > warps, (cand, built_warps)
+        else:
+            assert built_warps == warps, (cand, built_warps)

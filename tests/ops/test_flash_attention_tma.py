@@ -1,0 +1,109 @@
+"""The forward's TMA variants ("tma", "tma_ws") against the SDPA reference, and how the
+launcher chooses between them and the pointer kernel.
+
+On CPU the interpreter runs the variants' code: tensor-descriptor loads (rows past the end
+read as zeros, stores clipped), the single always-masked loop of "tma_ws" (the interpreter
+has no warps to specialise, so it checks that loop's logic, not the split). The `cuda`
+tests repeat them in bf16 where a GPU is present; scripts/tune_flash_attention.py times them.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import flash_attention as fa  # noqa: E402
+from kernels.flash_attention import Blocks  # noqa: E402
+from tests.ops.test_flash_attention import ROWS_83, check, documents, make_qkv  # noqa: E402
+
+TMA_VARIANTS = ["tma", "tma_ws"]
+
+
+@pytest.fixture
+def interpreter_variant(monkeypatch):
+    """Run the interpreter's tiles with the given forward variant."""
+    def use(variant):
+        monkeypatch.setattr(fa, "_INTERPRETER", fa._INTERPRETER._replace(variant=variant))
+    return use
+
+
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("seq", [1, 83, 257])
+def test_matches_reference(interpreter_variant, variant, seq, causal, dtype):
+    interpreter_variant(variant)
+    check(1, 2, 2, seq, seq, 64, causal, dtype)
+
+
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+def test_grouped_query_packed_model_layout(interpreter_variant, variant):
+    """GQA, uneven packed documents (length-1 ones included) and the model's [B, S, H, d]
+    views: each descriptor is one (batch, head)'s [S, d] matrix at stride H * d."""
+    interpreter_variant(variant)
+    cu, seq = documents(ROWS_83)
+    check(2, 4, 2, seq, seq, 64, True, torch.float16, cu_seqlens=cu, layout="bshd")
+
+
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+def test_causal_bottom_right(interpreter_variant, variant):
+    interpreter_variant(variant)
+    check(1, 2, 1, 40, 83, 128, True, torch.float32)
+
+
+@pytest.mark.parametrize("layout,want", [("contiguous", "tma"), ("bshd", "tma"),
+                                         ("strided_d", "ptr")])
+def test_unaligned_layouts_take_the_pointer_kernel(layout, want):
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 64, torch.float16, "cpu", layout)
+    blk = Blocks(32, 32, 1, 1, "tma")
+    assert fa.fwd_variant(blk, q, k, v) == want
+    assert fa.fwd_variant(blk._replace(variant="ptr"), q, k, v) == "ptr"
+    # A base that is not 16-byte aligned: one element into the storage.
+    shifted = torch.empty(2 * 8 * 64 + 1, dtype=torch.float16)[1:].view(1, 2, 8, 64)
+    assert fa.fwd_variant(blk, shifted, k, v) == "ptr"
+
+
+def test_block_table_reads_variants(tmp_path):
+    path = tmp_path / "blocks.json"
+    path.write_text(json.dumps([
+        {"kind": "fwd", "head_dim": 128, "causal": True, "blocks": [64, 64, 4, 3],
+         "variant": "tma_ws"},
+        {"kind": "dq", "head_dim": 64, "causal": False, "blocks": [64, 64, 4, 3]}]))
+    table = fa.load_block_table(str(path))
+    assert table[("fwd", 128, True)] == Blocks(64, 64, 4, 3, "tma_ws")
+    assert table[("dq", 64, False)].variant == "ptr"
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"kind": "fwd", "head_dim": 64, "causal": True, "blocks": [64, 64, 4, 3],
+      "variant": "tmaa"}, "variant 'tmaa'"),
+    ({"kind": "dkdv", "head_dim": 64, "causal": True, "blocks": [64, 64, 4, 3],
+      "variant": "tma"}, "only the forward"),
+])
+def test_block_table_rejects_bad_variants(tmp_path, entry, match):
+    path = tmp_path / "blocks.json"
+    path.write_text(json.dumps([entry]))
+    with pytest.raises(ValueError, match=match):
+        fa.load_block_table(str(path))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("d,seq", [(64, 1000), (128, 257), (128, 1)])
+def test_cuda_bf16_matches_reference(monkeypatch, variant, causal, d, seq):
+    key = ("fwd", d, causal)
+    monkeypatch.setitem(fa._HOPPER, key, fa._HOPPER[key]._replace(variant=variant))
+    check(2, 4, 4, seq, seq, d, causal, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+def test_cuda_bf16_gqa_packed_model_layout(monkeypatch, variant):
+    key = ("fwd", 128, True)
+    monkeypatch.setitem(fa._HOPPER, key, fa._HOPPER[key]._replace(variant=variant))
+    cu, seq = documents([[100, 1, 1, 155], [1, 30, 200, 26]], device="cuda")
+    check(2, 8, 2, seq, seq, 128, True, torch.bfloat16, device="cuda", cu_seqlens=cu, layout="bshd")
