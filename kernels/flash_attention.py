@@ -213,7 +213,8 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         HEAD_DIM=d, BLOCK_D=max(triton.next_power_of_2(d), 16),
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, CAUSAL=causal, VARLEN=varlen,
         DOT_PRECISION=_dot_precision(q.dtype), TMA=variant != "ptr",
-        WARP_SPECIALIZE=variant == "tma_ws", num_warps=blk.num_warps, num_stages=blk.num_stages)
+        WARP_SPECIALIZE=variant == "tma_ws", EVEN_K=variant != "ptr" and sk % blk.block_n == 0,
+        num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out, lse
 
 

@@ -83,15 +83,36 @@ def full_key_end(start_m, lo, hi, SQ, SK, BLOCK_N: tl.constexpr, CAUSAL: tl.cons
 
 
 @triton.jit
+def mask_tma_scores(s, qi, kj, SQ, SK, q_doc_start, q_doc_end, CAUSAL: tl.constexpr,
+                    VARLEN: tl.constexpr, EVEN_K: tl.constexpr):
+    """The forward's score mask for tiles read by TMA, keeping only the tests that can fail
+    (the warp-specialised loop runs it on every block). Query rows past SQ are never stored
+    and see at least one key, so need none; keys past SK arrive as zeros and need one unless
+    SK is a multiple of BLOCK_N (EVEN_K: no block reaches past SK)."""
+    if CAUSAL:
+        s = tl.where(kj <= qi + (SK - SQ), s, float("-inf"))
+    if VARLEN:
+        s = tl.where((kj >= q_doc_start) & (kj < q_doc_end), s, float("-inf"))
+    if not EVEN_K:
+        s = tl.where(kj < SK, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def fwd_step(acc, l_i, m_i, q, kt, v, offs_m, offs_n, SQ, SK, scale_log2, q_doc_start,
              q_doc_end, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
+             EVEN_K: tl.constexpr = False):
     """One online-softmax update with the key block kt [d, BLOCK_N] and values v."""
     s = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if MASKED:
-        mask = score_mask(offs_m[:, None], offs_n[None, :], SQ, SK, q_doc_start[:, None],
-                          q_doc_end[:, None], CAUSAL, VARLEN)
-        s = tl.where(mask, s, float("-inf"))
+        if TMA:
+            s = mask_tma_scores(s, offs_m[:, None], offs_n[None, :], SQ, SK,
+                                q_doc_start[:, None], q_doc_end[:, None], CAUSAL, VARLEN, EVEN_K)
+        else:
+            mask = score_mask(offs_m[:, None], offs_n[None, :], SQ, SK, q_doc_start[:, None],
+                              q_doc_end[:, None], CAUSAL, VARLEN)
+            s = tl.where(mask, s, float("-inf"))
     # The scale (> 0) is applied after the row max and inside the exponent's argument,
     # so each score costs one fused multiply-add before exp2 instead of a multiply and
     # a subtract.
@@ -139,7 +160,8 @@ def fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m,
 def fwd_key_blocks_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, start, stop, SQ, SK,
                        scale_log2, q_doc_start, q_doc_end, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+                       WARP_SPECIALIZE: tl.constexpr):
     """fwd_key_blocks with K and V read through tensor descriptors (Hopper's TMA engine):
     whole tiles are copied into shared memory by the hardware, with rows past SK filled
     with zeros, so neither loop needs address arithmetic or load masks. WARP_SPECIALIZE asks
@@ -152,14 +174,14 @@ def fwd_key_blocks_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, start, stop, SQ
             v = v_desc.load([start_n, 0])
             acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, start_n + offs_n0, SQ, SK,
                                      scale_log2, q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED,
-                                     DOT_PRECISION)
+                                     DOT_PRECISION, True, EVEN_K)
     else:
         for start_n in range(start, stop, BLOCK_N):
             kt = k_desc.load([start_n, 0]).T
             v = v_desc.load([start_n, 0])
             acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, start_n + offs_n0, SQ, SK,
                                      scale_log2, q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED,
-                                     DOT_PRECISION)
+                                     DOT_PRECISION, True, EVEN_K)
     return acc, l_i, m_i
 
 
@@ -174,13 +196,14 @@ def flash_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
-    WARP_SPECIALIZE: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False, EVEN_K: tl.constexpr = False,
 ):
     """TMA=True reads Q, K, V and writes O through tensor descriptors made here, one per
     (batch, head) [S, d] matrix, so a tile never reaches into the next head and the ragged
     end needs no masks. It needs a unit last stride, 16-byte aligned bases and strides and
     HEAD_DIM == BLOCK_D (the launcher checks); the pointer path takes any strides.
-    WARP_SPECIALIZE=True (implies TMA) runs one warp-specialised key loop."""
+    WARP_SPECIALIZE=True (implies TMA) runs one warp-specialised key loop. EVEN_K (SK a
+    multiple of BLOCK_N) lets the TMA variants drop the key-bound test from their mask."""
     tl.static_assert(TMA or not WARP_SPECIALIZE, "WARP_SPECIALIZE needs TMA")
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -231,14 +254,14 @@ def flash_fwd_kernel(
         # body: a compare and a select per score buys the producer/consumer split.
         acc, l_i, m_i = fwd_key_blocks_tma(
             acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, hi, SQ, SK, scale_log2, q_doc_start,
-            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, True)
+            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, EVEN_K, True)
     elif TMA:
         acc, l_i, m_i = fwd_key_blocks_tma(
             acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, mid, SQ, SK, scale_log2, q_doc_start,
-            q_doc_end, BLOCK_N, CAUSAL, VARLEN, False, DOT_PRECISION, False)
+            q_doc_end, BLOCK_N, CAUSAL, VARLEN, False, DOT_PRECISION, EVEN_K, False)
         acc, l_i, m_i = fwd_key_blocks_tma(
             acc, l_i, m_i, q, k_desc, v_desc, offs_m, mid, hi, SQ, SK, scale_log2, q_doc_start,
-            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, False)
+            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, EVEN_K, False)
     else:
         acc, l_i, m_i = fwd_key_blocks(
             acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, lo, mid, SQ,

@@ -70,7 +70,8 @@ for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
                 consts = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n,
                               CAUSAL=causal, VARLEN=varlen, DOT_PRECISION=fa._dot_precision(dtype))
                 if kind == "fwd":
-                    consts.update(TMA=blk.variant != "ptr", WARP_SPECIALIZE=blk.variant == "tma_ws")
+                    consts.update(TMA=blk.variant != "ptr", WARP_SPECIALIZE=blk.variant == "tma_ws",
+                                  EVEN_K=blk.variant != "ptr")
                 smem = build(fn, consts, tname, blk.num_warps, blk.num_stages).metadata.shared
                 results.append([kind, tname, d, causal, smem])
 smem = build(flash_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64,
@@ -91,7 +92,7 @@ for cand in (fa.Blocks(*c) for c in CANDIDATES["fwd"]):
         continue
     consts = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=cand.block_m, BLOCK_N=cand.block_n,
                   CAUSAL=True, VARLEN=False, DOT_PRECISION="tf32", TMA=True,
-                  WARP_SPECIALIZE=cand.variant == "tma_ws")
+                  WARP_SPECIALIZE=cand.variant == "tma_ws", EVEN_K=True)
     k = build(flash_fwd_kernel, consts, "bf16", cand.num_warps, cand.num_stages)
     ptx = k.asm["ptx"]
     results.append([list(cand), k.metadata.shared, ptx.count("cp.async.bulk.tensor"),
