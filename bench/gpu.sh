@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# One GPU session in one call. Writes everything under the folder given (default $OUT, else
-# bench/out), most important first, so a run cut short still returns what it finished:
+# One GPU session in one call (about 8 minutes). Writes everything under the folder given
+# (default $OUT, else bench/out), most important first, so a run cut short still returns
+# what it finished:
 #   1. install (no deps: the GPU machine's torch/triton are used) and build engine._C with the
 #      CUDA kernels, in the background (it needs CPUs, the tuning needs the GPU);
-#   2. tune the flash-attention tiles (scripts/tune_flash_attention.py -> flash_blocks.json);
-#   3. the `cuda` tests, with the tuned tiles;
-#   4. the attention benchmark with the tuned tiles, then the other GPU benchmarks.
+#   2. tune the forward's tiles and load variant (pointer / TMA / TMA + warp specialisation;
+#      scripts/tune_flash_attention.py -> flash_blocks.json). The backward's tiles were swept
+#      in earlier sessions and are in the committed table; TUNE_KEYS="" sweeps every key;
+#   3. the flash-attention `cuda` tests (every variant), with the tuned tiles;
+#   4. the attention benchmark with the tuned tiles;
+#   5. the remaining `cuda` tests (native build), then the other GPU benchmarks.
 #   bash bench/gpu.sh [OUT_DIR] [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,22 +29,31 @@ log "install + CUDA build (background, build.log)"
 BUILD=$!
 
 log "tune flash-attention tiles"
+TUNE_KEYS=${TUNE_KEYS-fwd:128:causal,fwd:128:full,fwd:64:causal,fwd:64:full}
 timeout 200 python scripts/tune_flash_attention.py --out "$OUT_DIR/flash_blocks.json" \
-  --log "$OUT_DIR/tune.json" --budget-s "${TUNE_BUDGET_S:-120}" 2>&1 | tee -a "$OUT_DIR/gpu.log"
+  --log "$OUT_DIR/tune.json" --budget-s "${TUNE_BUDGET_S:-140}" ${TUNE_KEYS:+--keys "$TUNE_KEYS"} \
+  2>&1 | tee -a "$OUT_DIR/gpu.log"
 if [ -s "$OUT_DIR/flash_blocks.json" ]; then export ENGINE_FLASH_BLOCKS="$OUT_DIR/flash_blocks.json"; fi
 
-log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/gpu.log"
-python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"
-
-log "cuda tests (tiles: ${ENGINE_FLASH_BLOCKS:-table})"
-ENGINE_REQUIRE_NATIVE=1 timeout 200 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider -rfE \
-  >"$OUT_DIR/cuda_tests.txt" 2>&1
-tail -15 "$OUT_DIR/cuda_tests.txt" | tee -a "$OUT_DIR/gpu.log"
+ATTN_TESTS="tests/ops/test_flash_attention.py tests/ops/test_flash_attention_tma.py tests/ops/test_flash_attention_model.py"
+log "flash-attention cuda tests (tiles: ${ENGINE_FLASH_BLOCKS:-table})"
+timeout 150 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider -rfE $ATTN_TESTS \
+  >"$OUT_DIR/cuda_tests_attention.txt" 2>&1
+tail -8 "$OUT_DIR/cuda_tests_attention.txt" | tee -a "$OUT_DIR/gpu.log"
 
 log "attention benchmark"
 timeout 200 python bench/run.py $QUICK --only attention --json "$OUT_DIR/bench_attention.json" \
   2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -60
+
+log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/gpu.log"
+python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"
+
+log "other cuda tests"
+ENGINE_REQUIRE_NATIVE=1 timeout 150 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider \
+  -rfE $(for t in $ATTN_TESTS; do echo "--ignore=$t"; done) >"$OUT_DIR/cuda_tests.txt" 2>&1
+tail -15 "$OUT_DIR/cuda_tests.txt" | tee -a "$OUT_DIR/gpu.log"
+
 log "other GPU benchmarks"
-timeout 150 python bench/run.py $QUICK --only span_loss,sampling,paged_attention,generation \
+timeout 120 python bench/run.py $QUICK --only span_loss,sampling,paged_attention,generation \
   --json "$OUT_DIR/bench_other.json" 2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -40
 log "done"
