@@ -13,6 +13,7 @@ the forward's autograd formula calls the backward op, so autograd, torch.compile
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import NamedTuple
@@ -130,13 +131,19 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether a TMA descriptor can address these [B, H, S, d] tensors: unit last stride,
     16-byte aligned base and other strides (the hardware's rule), on a Hopper-or-newer GPU
     or in the interpreter. Anything else takes the pointer kernel, which reads any layout."""
     for t in tensors:
         if t.device.type == "cuda":
-            if torch.cuda.get_device_capability(t.device)[0] < 9:
+            index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+            if _capability(index)[0] < 9:
                 return False
         elif not INTERPRETED:
             return False
