@@ -33,12 +33,13 @@ from kernels.flash_attention import Blocks  # noqa: E402
 # Candidates per pass, (block_m, block_n, num_warps, num_stages[, forward variant]): around
 # the table's reasoning (see kernels/flash_attention.py), plus the neighbours most often best
 # on Hopper. The forward's TMA variants come first (the untested ones, in case the budget
-# runs out); "tma_ws" only with 4 warps, the one count Triton's Hopper warp specialisation
+# runs out; 64x32 tiles fit three programs per SM); "tma_ws" only with 4 warps, the one count Triton's Hopper warp specialisation
 # splits (it turns 4 into 12: one consumer warpgroup, two producers). Every forward
 # candidate compiles for sm_90 on Triton 3.6 and 3.9 without a GPU
 # (tests/ops/test_flash_attention_compile.py checks the list).
 CANDIDATES = {
-    "fwd": [(64, 64, 4, 3, "tma"), (64, 64, 4, 4, "tma"), (64, 128, 4, 2, "tma"),
+    "fwd": [(64, 64, 4, 3, "tma"), (64, 64, 4, 4, "tma"), (64, 64, 4, 2, "tma"),
+            (64, 32, 4, 3, "tma"), (64, 32, 4, 4, "tma"), (64, 128, 4, 2, "tma"),
             (128, 64, 8, 3, "tma"), (128, 128, 8, 2, "tma"), (128, 128, 8, 3, "tma"),
             (64, 64, 4, 2, "tma_ws"), (64, 64, 4, 3, "tma_ws"), (64, 128, 4, 2, "tma_ws"),
             (128, 64, 4, 2, "tma_ws"), (128, 128, 4, 2, "tma_ws"),
