@@ -8,7 +8,8 @@
 #      scripts/tune_flash_attention.py -> flash_blocks.json). The backward's tiles were swept
 #      in earlier sessions and are in the committed table; TUNE_KEYS="" sweeps every key;
 #   3. the flash-attention `cuda` tests (every variant), with the tuned tiles;
-#   4. the attention benchmark with the tuned tiles;
+#   4. the attention benchmark with the tuned tiles, read against the targets
+#      (bench/attention_targets.py);
 #   5. the remaining `cuda` tests (native build), then the other GPU benchmarks.
 #   bash bench/gpu.sh [OUT_DIR] [--quick]
 set -uo pipefail
@@ -44,6 +45,7 @@ tail -8 "$OUT_DIR/cuda_tests_attention.txt" | tee -a "$OUT_DIR/gpu.log"
 log "attention benchmark"
 timeout 200 python bench/run.py $QUICK --only attention --json "$OUT_DIR/bench_attention.json" \
   2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -60
+python bench/attention_targets.py "$OUT_DIR/bench_attention.json" 2>&1 | tee -a "$OUT_DIR/gpu.log"
 
 log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/gpu.log"
 python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"

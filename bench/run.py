@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NOT_BENCHMARKS = {"run", "common", "plot"}
+NOT_BENCHMARKS = {"run", "common", "plot", "attention_targets"}
 
 
 def discover() -> list[str]:
