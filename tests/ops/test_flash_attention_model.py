@@ -3,7 +3,8 @@
 A shrunken `tiny` preset (head dim 64, as in the full preset) trains a few AdamW steps on
 packed rows with uneven documents, once with ENGINE_BACKEND=attention=triton (the
 interpreter on CPU) and once with attention=reference, from the same initialisation. The
-per-step losses must agree to fp32 round-off amplified by a few optimiser steps.
+per-step losses must agree to fp32 round-off amplified by a few optimiser steps. The Triton
+run is repeated with each of the forward's ways of reading its tiles (kernels/flash_attention.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ pytest.importorskip("triton")
 from engine.config import get_preset  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 from engine.ops.attention import attention  # noqa: E402
+from kernels import flash_attention as fa  # noqa: E402
 from tests.ops.attention_cases import VOCAB, packed_batch  # noqa: E402
 
 
@@ -38,7 +40,9 @@ def train_losses(backend: str, monkeypatch, steps: int = 4) -> list[float]:
     return losses
 
 
-def test_tiny_model_trains_the_same_with_triton_attention(monkeypatch):
+@pytest.mark.parametrize("variant", ["ptr", "tma", "tma_ws"])   # the forward's load paths
+def test_tiny_model_trains_the_same_with_triton_attention(monkeypatch, variant):
+    monkeypatch.setattr(fa, "_INTERPRETER", fa._INTERPRETER._replace(variant=variant))
     calls = []
     triton_backend = attention.backends["triton"]
     real_fn = triton_backend.fn
