@@ -36,7 +36,8 @@ timeout 200 python scripts/tune_flash_attention.py --out "$OUT_DIR/flash_blocks.
   2>&1 | tee -a "$OUT_DIR/gpu.log"
 if [ -s "$OUT_DIR/flash_blocks.json" ]; then export ENGINE_FLASH_BLOCKS="$OUT_DIR/flash_blocks.json"; fi
 
-ATTN_TESTS="tests/ops/test_flash_attention.py tests/ops/test_flash_attention_tma.py tests/ops/test_flash_attention_model.py"
+ATTN_TESTS="tests/ops/test_flash_attention.py tests/ops/test_flash_attention_tma.py
+  tests/ops/test_flash_attention_model.py"
 log "flash-attention cuda tests (tiles: ${ENGINE_FLASH_BLOCKS:-table})"
 timeout 150 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider -rfE $ATTN_TESTS \
   >"$OUT_DIR/cuda_tests_attention.txt" 2>&1

@@ -33,10 +33,11 @@ from kernels.flash_attention import Blocks  # noqa: E402
 # Candidates per pass, (block_m, block_n, num_warps, num_stages[, forward variant]): around
 # the table's reasoning (see kernels/flash_attention.py), plus the neighbours most often best
 # on Hopper. The forward's TMA variants come first (the untested ones, in case the budget
-# runs out; 64x32 tiles fit three programs per SM); "tma_ws" only with 4 warps, the one count Triton's Hopper warp specialisation
-# splits (it turns 4 into 12: one consumer warpgroup, two producers). Every forward
-# candidate compiles for sm_90 on Triton 3.6 and 3.9 without a GPU
-# (tests/ops/test_flash_attention_compile.py checks the list).
+# runs out). At d=128 the 64x64 TMA tile with three stages takes 113 KiB of shared memory,
+# exactly two programs per SM; 64x32 fits three. "tma_ws" only with 4 warps: that is the
+# count Triton's Hopper warp specialisation splits (the compiled kernel has 12 warps; with 8
+# it stays unspecialised). Every forward candidate compiles for sm_90 on Triton 3.6 and 3.9
+# without a GPU (tests/ops/test_flash_attention_compile.py checks the list).
 CANDIDATES = {
     "fwd": [(64, 64, 4, 3, "tma"), (64, 64, 4, 4, "tma"), (64, 64, 4, 2, "tma"),
             (64, 32, 4, 3, "tma"), (64, 32, 4, 4, "tma"), (64, 128, 4, 2, "tma"),
@@ -145,8 +146,8 @@ def main(argv=None) -> int:
             try:
                 ms, err = measure(kind, d, causal, args.seq, cand, ref)
             except Exception as exc:  # a tile the compiler or the launch rejects
-                print(f"{kind} d={d} causal={causal} {tuple(cand)}: rejected ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:80]})", flush=True)
+                print(f"{kind} d={d} causal={causal} {tuple(cand)}: rejected "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:80]})", flush=True)
                 continue
             ok = err <= tol
             tf = tflops(args.seq, d, causal, kind, ms)

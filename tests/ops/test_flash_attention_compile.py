@@ -117,8 +117,8 @@ def test_tma_candidates_compile_for_hopper():
         assert 0 < smem <= HOPPER_SMEM_BYTES, (cand, smem)
         # Every tile arrives by TMA: none falls back to per-thread cp.async copies.
         assert tma_copies > 0 and async_copies == 0, (cand, tma_copies, async_copies)
-        # Warp specialisation took: the 4 consumer warps gained producer warps. (Triton
-        # leaves a loop it cannot split unspecialised without an error.)
+        # Warp specialisation took: the kernel has more warps than the 4 asked for. (Triton
+        # leaves a loop it cannot split unspecialised, without an error.)
         if variant == "tma_ws":
             assert built_warps > warps, (cand, built_warps)
         else:
