@@ -83,11 +83,7 @@ def train_vqvae(cfg: ImageConfig, codebook_size: int, dataset, steps: int | None
     if pool.shape[-1] != cfg.image_size:
         raise ValueError(f"dataset images are {pool.shape[-1]}px but the config expects "
                          f"{cfg.image_size}px; build the dataset with image_size={cfg.image_size}")
-    # Channels-last (NHWC) while training: oneDNN's bf16 convolution backward runs in it
-    # without layout reorders, 142 -> 115 ms a step for the tiny preset on the 2-core dev CPU.
-    # Back to the default layout before returning, so encoding does not depend on whether
-    # the model was just trained or loaded from disk.
-    model = VQVAE(cfg, codebook_size).train().to(memory_format=torch.channels_last)
+    model = VQVAE(cfg, codebook_size).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     last_hit = torch.zeros(codebook_size, dtype=torch.long)
     recent_latents, recent_err = [], []
@@ -107,7 +103,6 @@ def train_vqvae(cfg: ImageConfig, codebook_size: int, dataset, steps: int | None
         if perm.any():
             order = torch.stack([torch.randperm(3, generator=gen) for _ in range(int(perm.sum()))])
             x[perm] = torch.gather(x[perm], 1, order[:, :, None, None].expand(-1, -1, *x.shape[2:]))
-        x = x.contiguous(memory_format=torch.channels_last)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, cfg.lr)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -136,4 +131,4 @@ def train_vqvae(cfg: ImageConfig, codebook_size: int, dataset, steps: int | None
                             usage=f"{usage:.0%}")
     bar.close()
     model.train_seconds = time.perf_counter() - start
-    return model.to(memory_format=torch.contiguous_format).eval()
+    return model.eval()
