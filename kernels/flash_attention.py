@@ -38,11 +38,12 @@ class Blocks(NamedTuple):
     # How the forward reads its tiles (the backward always uses pointers):
     #  "ptr": pointer arithmetic with masked loads (any strides, any GPU);
     #  "tma": Hopper's tensor-memory accelerator via tensor descriptors (see tma_ready);
+    #  "tma_lazy": TMA, and the accumulator rescaled only when a row maximum jumps;
     #  "tma_ws": TMA plus Triton's warp specialisation of the key loop.
     variant: str = "ptr"
 
 
-VARIANTS = ("ptr", "tma", "tma_ws")
+VARIANTS = ("ptr", "tma", "tma_lazy", "tma_ws")
 
 
 # Hopper (H100/H200) tiles, keyed on (pass, head-dim bucket, causal): the fastest correct
@@ -221,7 +222,7 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, CAUSAL=causal, VARLEN=varlen,
         DOT_PRECISION=_dot_precision(q.dtype), TMA=variant != "ptr",
         WARP_SPECIALIZE=variant == "tma_ws", EVEN_K=variant != "ptr" and sk % blk.block_n == 0,
-        num_warps=blk.num_warps, num_stages=blk.num_stages)
+        LAZY_RESCALE=variant == "tma_lazy", num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out, lse
 
 

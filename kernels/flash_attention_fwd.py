@@ -19,12 +19,14 @@ query block sees (no score mask, no load masks: the hot loop), then the blocks o
 diagonal and the ragged end of the keys, masked. Packed documents take the masked loop
 throughout. The backward kernels split their loops the same way.
 
-Three ways to read the tiles (kernels/flash_attention.py picks one per tile-table entry):
+Four ways to run the key loop (kernels/flash_attention.py picks one per tile-table entry):
 pointers with masked loads (any strides, any GPU); Hopper's tensor-memory accelerator (TMA)
 through per-(batch, head) tensor descriptors, which copies whole tiles into shared memory
-with the copy engine instead of the threads; and TMA with Triton's warp specialisation,
-where producer warps issue the copies and the consumer warpgroup only computes. The pointer
-path compiles to the same instructions as before the other two existed (sm_90, Triton 3.6).
+with the copy engine instead of the threads; TMA with lazy rescaling (the accumulator is
+rescaled only when a row maximum jumps by more than 2^8, FlashAttention-4's trick); and TMA
+with Triton's warp specialisation, where producer warps issue the copies and the consumer
+warpgroup only computes. The pointer path compiles to the same instructions as before the
+others existed (sm_90, Triton 3.6).
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ LOG2E = 1.4426950408889634
 # the current block then gets p = exp2(-inf - MIN) = 0 and a rescale factor of exp2(0) = 1,
 # instead of the NaN that exp2(-inf - -inf) would give.
 NEG_BIG = tl.constexpr(-1.0e30)
+# The lazy rescale's threshold, in log2 units: a running maximum may lag the true one by up
+# to this before the accumulator is rescaled (FlashAttention-4 uses the same 2^8).
+LAZY_RESCALE_LOG2 = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -102,7 +107,7 @@ def mask_tma_scores(s, qi, kj, SQ, SK, q_doc_start, q_doc_end, CAUSAL: tl.conste
 def fwd_step(acc, l_i, m_i, q, kt, v, offs_m, offs_n, SQ, SK, scale_log2, q_doc_start,
              q_doc_end, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr,
              DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
-             EVEN_K: tl.constexpr = False):
+             EVEN_K: tl.constexpr = False, LAZY_RESCALE: tl.constexpr = False):
     """One online-softmax update with the key block kt [d, BLOCK_N] and values v."""
     s = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if MASKED:
@@ -117,12 +122,28 @@ def fwd_step(acc, l_i, m_i, q, kt, v, offs_m, offs_n, SQ, SK, scale_log2, q_doc_
     # so each score costs one fused multiply-add before exp2 instead of a multiply and
     # a subtract.
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    # P is rounded to the input dtype for the tensor-core matmul (as every flash kernel
-    # does); the sum above and the accumulator stay in fp32.
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if LAZY_RESCALE:
+        # Rescale only when some row's maximum grew by more than 2^LAZY_RESCALE_LOG2 (a
+        # block-wide test, so the branch is uniform): otherwise keep the old maximum, and
+        # P's entries reach at most 2^8, harmless in fp32 sums and in 16-bit P (relative
+        # precision does not depend on size). It skips the [BLOCK_M, d] multiply of the
+        # accumulator on almost every block, the largest single cost of the softmax.
+        if tl.max(m_new - m_i, 0) > LAZY_RESCALE_LOG2:
+            alpha = tl.math.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.math.exp2(s * scale_log2 - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        acc = acc + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_new = m_i
+    else:
+        p = tl.math.exp2(s * scale_log2 - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # P is rounded to the input dtype for the tensor-core matmul (as every flash kernel
+        # does); the sum above and the accumulator stay in fp32.
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -161,7 +182,7 @@ def fwd_key_blocks_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, start, stop, SQ
                        scale_log2, q_doc_start, q_doc_end, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-                       WARP_SPECIALIZE: tl.constexpr):
+                       WARP_SPECIALIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr):
     """fwd_key_blocks with K and V read through tensor descriptors (Hopper's TMA engine):
     whole tiles are copied into shared memory by the hardware, with rows past SK filled
     with zeros, so neither loop needs address arithmetic or load masks. WARP_SPECIALIZE asks
@@ -174,14 +195,14 @@ def fwd_key_blocks_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, start, stop, SQ
             v = v_desc.load([start_n, 0])
             acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, start_n + offs_n0, SQ, SK,
                                      scale_log2, q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED,
-                                     DOT_PRECISION, True, EVEN_K)
+                                     DOT_PRECISION, True, EVEN_K, LAZY_RESCALE)
     else:
         for start_n in range(start, stop, BLOCK_N):
             kt = k_desc.load([start_n, 0]).T
             v = v_desc.load([start_n, 0])
             acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, start_n + offs_n0, SQ, SK,
                                      scale_log2, q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED,
-                                     DOT_PRECISION, True, EVEN_K)
+                                     DOT_PRECISION, True, EVEN_K, LAZY_RESCALE)
     return acc, l_i, m_i
 
 
@@ -197,14 +218,17 @@ def flash_fwd_kernel(
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
     WARP_SPECIALIZE: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+    LAZY_RESCALE: tl.constexpr = False,
 ):
     """TMA=True reads Q, K, V and writes O through tensor descriptors made here, one per
     (batch, head) [S, d] matrix, so a tile never reaches into the next head and the ragged
     end needs no masks. It needs a unit last stride, 16-byte aligned bases and strides and
     HEAD_DIM == BLOCK_D (the launcher checks); the pointer path takes any strides.
     WARP_SPECIALIZE=True (implies TMA) runs one warp-specialised key loop. EVEN_K (SK a
-    multiple of BLOCK_N) lets the TMA variants drop the key-bound test from their mask."""
+    multiple of BLOCK_N) lets the TMA variants drop the key-bound test from their mask.
+    LAZY_RESCALE (TMA only) rescales the accumulator only when a row maximum jumps."""
     tl.static_assert(TMA or not WARP_SPECIALIZE, "WARP_SPECIALIZE needs TMA")
+    tl.static_assert(TMA or not LAZY_RESCALE, "LAZY_RESCALE is built on the TMA loops")
     pid_m = tl.program_id(0)
     if CAUSAL:
         # Causal blocks near the end of the sequence do the most work; launching them first
@@ -254,14 +278,17 @@ def flash_fwd_kernel(
         # body: a compare and a select per score buys the producer/consumer split.
         acc, l_i, m_i = fwd_key_blocks_tma(
             acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, hi, SQ, SK, scale_log2, q_doc_start,
-            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, EVEN_K, True)
+            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, EVEN_K, True,
+            LAZY_RESCALE)
     elif TMA:
         acc, l_i, m_i = fwd_key_blocks_tma(
             acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, mid, SQ, SK, scale_log2, q_doc_start,
-            q_doc_end, BLOCK_N, CAUSAL, VARLEN, False, DOT_PRECISION, EVEN_K, False)
+            q_doc_end, BLOCK_N, CAUSAL, VARLEN, False, DOT_PRECISION, EVEN_K, False,
+            LAZY_RESCALE)
         acc, l_i, m_i = fwd_key_blocks_tma(
             acc, l_i, m_i, q, k_desc, v_desc, offs_m, mid, hi, SQ, SK, scale_log2, q_doc_start,
-            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, EVEN_K, False)
+            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, EVEN_K, False,
+            LAZY_RESCALE)
     else:
         acc, l_i, m_i = fwd_key_blocks(
             acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, lo, mid, SQ,

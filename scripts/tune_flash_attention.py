@@ -7,7 +7,8 @@ For each pass (forward, dK/dV, dQ), head-dim bucket (64, 128) and mask (causal, 
 times a short list of candidate tiles at the benchmark's shape (b * s = 16k tokens,
 h * d = 2048, bf16), one candidate at a time in the kernels' own tile table, and keeps the
 fastest whose output matches the reference. Forward candidates also name how the tiles are
-read (pointers, TMA, or TMA with warp specialisation; see Blocks.variant), so the table
+read (pointers, TMA, TMA with lazy rescaling, TMA with warp specialisation; see
+Blocks.variant), so the table
 records the variant that won. A tile the compiler rejects (too much shared memory, too many
 registers) is reported and skipped. The backward kinds are timed as the
 whole backward op, so a dK/dV tile is compared with the dQ tile held fixed (and vice versa).
@@ -42,6 +43,8 @@ CANDIDATES = {
     "fwd": [(64, 64, 4, 3, "tma"), (64, 64, 4, 4, "tma"), (64, 64, 4, 2, "tma"),
             (64, 32, 4, 3, "tma"), (64, 32, 4, 4, "tma"), (64, 128, 4, 2, "tma"),
             (128, 64, 8, 3, "tma"), (128, 128, 8, 2, "tma"), (128, 128, 8, 3, "tma"),
+            (64, 64, 4, 3, "tma_lazy"), (64, 64, 4, 2, "tma_lazy"), (64, 32, 4, 3, "tma_lazy"),
+            (128, 64, 8, 3, "tma_lazy"), (128, 128, 8, 2, "tma_lazy"),
             (64, 64, 4, 2, "tma_ws"), (64, 64, 4, 3, "tma_ws"), (64, 128, 4, 2, "tma_ws"),
             (128, 64, 4, 2, "tma_ws"), (128, 128, 4, 2, "tma_ws"),
             (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 4), (64, 128, 4, 2),

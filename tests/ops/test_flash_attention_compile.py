@@ -71,7 +71,7 @@ for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
                               CAUSAL=causal, VARLEN=varlen, DOT_PRECISION=fa._dot_precision(dtype))
                 if kind == "fwd":
                     consts.update(TMA=blk.variant != "ptr", WARP_SPECIALIZE=blk.variant == "tma_ws",
-                                  EVEN_K=blk.variant != "ptr")
+                                  EVEN_K=blk.variant != "ptr", LAZY_RESCALE=blk.variant == "tma_lazy")
                 smem = build(fn, consts, tname, blk.num_warps, blk.num_stages).metadata.shared
                 results.append([kind, tname, d, causal, smem])
 smem = build(flash_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64,
@@ -92,7 +92,8 @@ for cand in (fa.Blocks(*c) for c in CANDIDATES["fwd"]):
         continue
     consts = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=cand.block_m, BLOCK_N=cand.block_n,
                   CAUSAL=True, VARLEN=False, DOT_PRECISION="tf32", TMA=True,
-                  WARP_SPECIALIZE=cand.variant == "tma_ws", EVEN_K=True)
+                  WARP_SPECIALIZE=cand.variant == "tma_ws", EVEN_K=True,
+                  LAZY_RESCALE=cand.variant == "tma_lazy")
     k = build(flash_fwd_kernel, consts, "bf16", cand.num_warps, cand.num_stages)
     ptx = k.asm["ptx"]
     results.append([list(cand), k.metadata.shared, ptx.count("cp.async.bulk.tensor"),
@@ -111,7 +112,7 @@ def test_kernels_compile_for_hopper():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda tests launch the kernels here")
 def test_tma_candidates_compile_for_hopper():
     results = run_compile_script(VARIANTS_SCRIPT, timeout=600, TRITON_DEFAULT_FP_FUSION="1")
-    assert {tuple(c)[4] for c, *_ in results} == {"tma", "tma_ws"}
+    assert {tuple(c)[4] for c, *_ in results} == {"tma", "tma_lazy", "tma_ws"}
     for (bm, bn, warps, stages, variant), smem, tma_copies, async_copies, built_warps in results:
         cand = (bm, bn, warps, stages, variant)
         assert 0 < smem <= HOPPER_SMEM_BYTES, (cand, smem)

@@ -40,7 +40,7 @@ def train_losses(backend: str, monkeypatch, steps: int = 4) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("variant", ["ptr", "tma", "tma_ws"])   # the forward's load paths
+@pytest.mark.parametrize("variant", fa.VARIANTS)   # every way the forward reads its tiles
 def test_tiny_model_trains_the_same_with_triton_attention(monkeypatch, variant):
     monkeypatch.setattr(fa, "_INTERPRETER", fa._INTERPRETER._replace(variant=variant))
     calls = []

@@ -1,5 +1,5 @@
-"""The forward's TMA variants ("tma", "tma_ws") against the SDPA reference, and how the
-launcher chooses between them and the pointer kernel.
+"""The forward's TMA variants ("tma", "tma_lazy", "tma_ws") against the SDPA reference, and
+how the launcher chooses between them and the pointer kernel.
 
 On CPU the interpreter runs the variants' code: tensor-descriptor loads (rows past the end
 read as zeros, stores clipped), the single always-masked loop of "tma_ws" (the interpreter
@@ -9,6 +9,7 @@ tests repeat them in bf16 where a GPU is present; scripts/tune_flash_attention.p
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from kernels import flash_attention as fa  # noqa: E402
 from kernels.flash_attention import Blocks  # noqa: E402
 from tests.ops.test_flash_attention import ROWS_83, check, documents, make_qkv  # noqa: E402
 
-TMA_VARIANTS = ["tma", "tma_ws"]
+TMA_VARIANTS = ["tma", "tma_lazy", "tma_ws"]
 
 
 @pytest.fixture
@@ -53,6 +54,30 @@ def test_grouped_query_packed_model_layout(interpreter_variant, variant):
 def test_causal_bottom_right(interpreter_variant, variant, sq, sk):
     interpreter_variant(variant)
     check(1, 2, 1, sq, sk, 128, True, torch.float32)
+
+
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_growing_scores_rescale_mid_row(interpreter_variant, variant, causal):
+    """Keys whose scores grow along the sequence, so a row's maximum jumps by far more than
+    2^16 from the first key block to later ones. In fp16, P = exp(score - running max)
+    overflows to inf unless the running maximum (and the accumulator) follow the jump:
+    "tma_lazy" must rescale there, not only at the first block. Output and log-sum-exp
+    against an fp64 softmax of the same fp16 values."""
+    interpreter_variant(variant)
+    gen = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0.2, 8.0, 96)[:, None]    # score scale 40x from first key to last
+    q, k, v = (torch.randn(1, 2, 96, 64, generator=gen) for _ in range(3))
+    q, k, v = q.half(), (k * ramp).half(), v.half()
+    out, lse = fa.flash_attention(q, k, v, causal=causal, return_lse=True)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 64 ** -0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones(96, 96, dtype=torch.bool).triu(1), float("-inf"))
+    jump = (scores.amax(-1) - scores[..., :32].amax(-1)).max().item()   # 32: the first block
+    assert jump > 16 * math.log(2), f"the scores jump by only {jump:.1f}: nothing to test"
+    assert torch.allclose(lse.double(), scores.logsumexp(-1), atol=2e-3, rtol=1e-3)
+    want = scores.softmax(-1) @ v.double()
+    assert torch.allclose(out.double(), want, atol=5e-3, rtol=5e-3)
 
 
 @pytest.mark.parametrize("layout,want", [("contiguous", "tma"), ("bshd", "tma"),
