@@ -9,7 +9,8 @@
 #      in earlier sessions and are in the committed table; TUNE_KEYS="" sweeps every key;
 #   3. the flash-attention `cuda` tests (every variant), with the tuned tiles;
 #   4. the attention benchmark with the tuned tiles, read against the targets
-#      (bench/attention_targets.py);
+#      (bench/attention_targets.py), and how much of the forward's time is Python
+#      (scripts/attention_launch_overhead.py);
 #   5. the remaining `cuda` tests (native build), then the other GPU benchmarks.
 #   bash bench/gpu.sh [OUT_DIR] [--quick]
 set -uo pipefail
@@ -47,6 +48,8 @@ log "attention benchmark"
 timeout 200 python bench/run.py $QUICK --only attention --json "$OUT_DIR/bench_attention.json" \
   2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -60
 python bench/attention_targets.py "$OUT_DIR/bench_attention.json" 2>&1 | tee -a "$OUT_DIR/gpu.log"
+log "launch overhead of the forward (wrapper / op / CUDA graph)"
+timeout 60 python scripts/attention_launch_overhead.py 2>&1 | tee -a "$OUT_DIR/gpu.log"
 
 log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/gpu.log"
 python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"
