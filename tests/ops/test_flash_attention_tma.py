@@ -3,8 +3,9 @@ how the launcher chooses between them and the pointer kernel.
 
 On CPU the interpreter runs the variants' code: tensor-descriptor loads (rows past the end
 read as zeros, stores clipped), the single always-masked loop of "tma_ws" (the interpreter
-has no warps to specialise, so it checks that loop's logic, not the split). The `cuda`
-tests repeat them in bf16 where a GPU is present; scripts/tune_flash_attention.py times them.
+has no warps to specialise, so it checks that loop's logic, not the split), and the lazy
+rescale of "tma_lazy" on scores that jump mid-row. The `cuda` tests repeat them in bf16 where
+a GPU is present; scripts/tune_flash_attention.py times them.
 """
 from __future__ import annotations
 
