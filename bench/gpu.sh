@@ -4,8 +4,8 @@
 # what it finished:
 #   1. install (no deps: the GPU machine's torch/triton are used) and build engine._C with the
 #      CUDA kernels, in the background (it needs CPUs, the tuning needs the GPU);
-#   2. tune the forward's tiles and load variant (pointer / TMA / TMA + warp specialisation;
-#      scripts/tune_flash_attention.py -> flash_blocks.json). The backward's tiles were swept
+#   2. tune the forward's tiles and loop variant (pointers or TMA, lazy rescaling, warp
+#      specialisation; scripts/tune_flash_attention.py -> flash_blocks.json). The backward's tiles were swept
 #      in earlier sessions and are in the committed table; TUNE_KEYS="" sweeps every key;
 #   3. the flash-attention `cuda` tests (every variant), with the tuned tiles;
 #   4. the attention benchmark with the tuned tiles, read against the targets
@@ -37,7 +37,7 @@ timeout 200 python scripts/tune_flash_attention.py --out "$OUT_DIR/flash_blocks.
   2>&1 | tee -a "$OUT_DIR/gpu.log"
 if [ -s "$OUT_DIR/flash_blocks.json" ]; then export ENGINE_FLASH_BLOCKS="$OUT_DIR/flash_blocks.json"; fi
 
-ATTN_TESTS="tests/ops/test_flash_attention.py tests/ops/test_flash_attention_tma.py
+ATTN_TESTS="tests/ops/test_flash_attention.py tests/ops/test_flash_attention_variants.py
   tests/ops/test_flash_attention_model.py"
 log "flash-attention cuda tests (tiles: ${ENGINE_FLASH_BLOCKS:-table})"
 timeout 150 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider -rfE $ATTN_TESTS \

@@ -35,15 +35,15 @@ class Blocks(NamedTuple):
     block_n: int   # key rows per tile
     num_warps: int
     num_stages: int
-    # How the forward reads its tiles (the backward always uses pointers):
+    # How the forward runs its key loop (the backward always uses "ptr"):
     #  "ptr": pointer arithmetic with masked loads (any strides, any GPU);
     #  "tma": Hopper's tensor-memory accelerator via tensor descriptors (see tma_ready);
-    #  "tma_lazy": TMA, and the accumulator rescaled only when a row maximum jumps;
+    #  "ptr_lazy", "tma_lazy": the accumulator rescaled only when a row maximum jumps;
     #  "tma_ws": TMA plus Triton's warp specialisation of the key loop.
     variant: str = "ptr"
 
 
-VARIANTS = ("ptr", "tma", "tma_lazy", "tma_ws")
+VARIANTS = ("ptr", "ptr_lazy", "tma", "tma_lazy", "tma_ws")
 
 
 # Hopper (H100/H200) tiles, keyed on (pass, head-dim bucket, causal): the fastest correct
@@ -95,7 +95,7 @@ def load_block_table(path: str) -> dict[tuple[str, int, bool], Blocks]:
         variant = e.get("variant", "ptr")
         if variant not in VARIANTS or (variant != "ptr" and key[0] != "fwd"):
             raise ValueError(f"{path}: {key}: variant {variant!r} is not one of "
-                             f"{VARIANTS} (only the forward has the TMA variants)")
+                             f"{VARIANTS} (only the forward has variants other than ptr)")
         table[key] = Blocks(*(int(x) for x in e["blocks"]), variant=variant)
     return table
 
@@ -157,8 +157,11 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
 
 
 def fwd_variant(blk: Blocks, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """The variant the forward launches: the table's, unless the tensors rule TMA out."""
-    return blk.variant if blk.variant == "ptr" or tma_ready(q, k, v) else "ptr"
+    """The variant the forward launches: the table's, unless the tensors rule TMA out (then
+    the pointer loop, lazy if the table's was)."""
+    if not blk.variant.startswith("tma") or tma_ready(q, k, v):
+        return blk.variant
+    return "ptr_lazy" if blk.variant.endswith("_lazy") else "ptr"
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -211,7 +214,8 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     start, end, varlen = _varlen_args(cu_seqlens, q)
     blk = pick_blocks("fwd", d, causal, q.dtype)
     variant = fwd_variant(blk, q, k, v)
-    if variant != "ptr" and q.device.type == "cuda":
+    tma = variant.startswith("tma")
+    if tma and q.device.type == "cuda":
         _ensure_scratch_allocator()
     grid = (triton.cdiv(sq, blk.block_m), batch * heads)
     flash_fwd_kernel[grid](
@@ -220,9 +224,9 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         heads, heads // k.shape[1], sq, sk, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=max(triton.next_power_of_2(d), 16),
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, CAUSAL=causal, VARLEN=varlen,
-        DOT_PRECISION=_dot_precision(q.dtype), TMA=variant != "ptr",
-        WARP_SPECIALIZE=variant == "tma_ws", EVEN_K=variant != "ptr" and sk % blk.block_n == 0,
-        LAZY_RESCALE=variant == "tma_lazy", num_warps=blk.num_warps, num_stages=blk.num_stages)
+        DOT_PRECISION=_dot_precision(q.dtype), TMA=tma, WARP_SPECIALIZE=variant == "tma_ws",
+        EVEN_K=tma and sk % blk.block_n == 0, LAZY_RESCALE=variant.endswith("_lazy"),
+        num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out, lse
 
 

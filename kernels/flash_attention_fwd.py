@@ -19,14 +19,14 @@ query block sees (no score mask, no load masks: the hot loop), then the blocks o
 diagonal and the ragged end of the keys, masked. Packed documents take the masked loop
 throughout. The backward kernels split their loops the same way.
 
-Four ways to run the key loop (kernels/flash_attention.py picks one per tile-table entry):
+Ways to run the key loop (kernels/flash_attention.py picks one per tile-table entry):
 pointers with masked loads (any strides, any GPU); Hopper's tensor-memory accelerator (TMA)
 through per-(batch, head) tensor descriptors, which copies whole tiles into shared memory
-with the copy engine instead of the threads; TMA with lazy rescaling (the accumulator is
-rescaled only when a row maximum jumps by more than 2^8, FlashAttention-4's trick); and TMA
-with Triton's warp specialisation, where producer warps issue the copies and the consumer
-warpgroup only computes. The pointer path compiles to the same instructions as before the
-others existed (sm_90, Triton 3.6).
+with the copy engine instead of the threads; either of them with lazy rescaling (the
+accumulator is rescaled only when a row maximum jumps by more than 2^8, FlashAttention-4's
+trick); and TMA with Triton's warp specialisation, where producer warps issue the copies and
+the consumer warpgroup only computes. The plain pointer path compiles to the same
+instructions as before the others existed (sm_90, Triton 3.6).
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m,
                    start, stop, SQ, SK, scale_log2, q_doc_start, q_doc_end,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, LAZY_RESCALE: tl.constexpr):
     """Online-softmax update over key blocks [start, stop), loading through pointers.
     MASKED=False is the hot loop: whole blocks that every row sees, so no score mask and
     no key-row load mask."""
@@ -174,7 +174,8 @@ def fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m,
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, offs_n, SQ, SK, scale_log2,
-                                 q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED, DOT_PRECISION)
+                                 q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED, DOT_PRECISION,
+                                 False, False, LAZY_RESCALE)
     return acc, l_i, m_i
 
 
@@ -227,9 +228,8 @@ def flash_fwd_kernel(
     HEAD_DIM == BLOCK_D (the launcher checks); the pointer path takes any strides.
     WARP_SPECIALIZE=True (implies TMA) runs one warp-specialised key loop. EVEN_K (SK a
     multiple of BLOCK_N) lets the TMA variants drop the key-bound test from their mask.
-    LAZY_RESCALE (TMA only) rescales the accumulator only when a row maximum jumps."""
+    LAZY_RESCALE rescales the accumulator only when a row maximum jumps (either loads)."""
     tl.static_assert(TMA or not WARP_SPECIALIZE, "WARP_SPECIALIZE needs TMA")
-    tl.static_assert(TMA or not LAZY_RESCALE, "LAZY_RESCALE is built on the TMA loops")
     pid_m = tl.program_id(0)
     if CAUSAL:
         # Causal blocks near the end of the sequence do the most work; launching them first
@@ -294,11 +294,11 @@ def flash_fwd_kernel(
         acc, l_i, m_i = fwd_key_blocks(
             acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, lo, mid, SQ,
             SK, scale_log2, q_doc_start, q_doc_end, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, VARLEN,
-            False, DOT_PRECISION)
+            False, DOT_PRECISION, LAZY_RESCALE)
         acc, l_i, m_i = fwd_key_blocks(
             acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, mid, hi, SQ,
             SK, scale_log2, q_doc_start, q_doc_end, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, VARLEN,
-            True, DOT_PRECISION)
+            True, DOT_PRECISION, LAZY_RESCALE)
 
     # Padded rows (beyond SQ) saw no key: keep them finite, they are not stored.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)

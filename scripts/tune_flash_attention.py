@@ -6,9 +6,8 @@
 For each pass (forward, dK/dV, dQ), head-dim bucket (64, 128) and mask (causal, full) it
 times a short list of candidate tiles at the benchmark's shape (b * s = 16k tokens,
 h * d = 2048, bf16), one candidate at a time in the kernels' own tile table, and keeps the
-fastest whose output matches the reference. Forward candidates also name how the tiles are
-read (pointers, TMA, TMA with lazy rescaling, TMA with warp specialisation; see
-Blocks.variant), so the table
+fastest whose output matches the reference. Forward candidates also name a loop variant
+(pointers or TMA, lazy rescaling, warp specialisation; see Blocks.variant), so the table
 records the variant that won. A tile the compiler rejects (too much shared memory, too many
 registers) is reported and skipped. The backward kinds are timed as the
 whole backward op, so a dK/dV tile is compared with the dQ tile held fixed (and vice versa).
@@ -33,7 +32,7 @@ from kernels.flash_attention import Blocks  # noqa: E402
 
 # Candidates per pass, (block_m, block_n, num_warps, num_stages[, forward variant]): around
 # the table's reasoning (see kernels/flash_attention.py), plus the neighbours most often best
-# on Hopper. The forward's TMA variants come first (the untested ones, in case the budget
+# on Hopper. The forward's new variants come first (the untested ones, in case the budget
 # runs out). At d=128 the 64x64 TMA tile with three stages takes 113 KiB of shared memory,
 # exactly two programs per SM; 64x32 fits three. "tma_ws" only with 4 warps: that is the
 # count Triton's Hopper warp specialisation splits (the compiled kernel has 12 warps at 168
@@ -48,6 +47,7 @@ CANDIDATES = {
             (64, 64, 4, 3, "tma_lazy"), (64, 64, 4, 2, "tma_lazy"), (64, 32, 4, 3, "tma_lazy"),
             (128, 64, 8, 3, "tma_lazy"), (128, 128, 8, 2, "tma_lazy"),
             (64, 64, 4, 2, "tma_ws"), (64, 64, 4, 3, "tma_ws"), (64, 128, 4, 2, "tma_ws"),
+            (64, 64, 4, 3, "ptr_lazy"), (64, 64, 4, 2, "ptr_lazy"), (128, 64, 8, 3, "ptr_lazy"),
             (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 4), (64, 128, 4, 2),
             (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2),
             (128, 32, 4, 4)],

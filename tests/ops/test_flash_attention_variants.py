@@ -1,11 +1,11 @@
-"""The forward's TMA variants ("tma", "tma_lazy", "tma_ws") against the SDPA reference, and
-how the launcher chooses between them and the pointer kernel.
+"""The forward's loop variants other than the plain pointer loop ("ptr_lazy", "tma",
+"tma_lazy", "tma_ws") against the SDPA reference, and how the launcher chooses between them.
 
 On CPU the interpreter runs the variants' code: tensor-descriptor loads (rows past the end
 read as zeros, stores clipped), the single always-masked loop of "tma_ws" (the interpreter
 has no warps to specialise, so it checks that loop's logic, not the split), and the lazy
-rescale of "tma_lazy" on scores that jump mid-row. The `cuda` tests repeat them in bf16 where
-a GPU is present; scripts/tune_flash_attention.py times them.
+rescale on scores that jump mid-row. The `cuda` tests repeat them in bf16 where a GPU is
+present; scripts/tune_flash_attention.py times them.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from kernels import flash_attention as fa  # noqa: E402
 from kernels.flash_attention import Blocks  # noqa: E402
 from tests.ops.test_flash_attention import ROWS_83, check, documents, make_qkv  # noqa: E402
 
-TMA_VARIANTS = ["tma", "tma_lazy", "tma_ws"]
+VARIANTS = [v for v in fa.VARIANTS if v != "ptr"]   # "ptr": test_flash_attention.py
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def interpreter_variant(monkeypatch):
     return use
 
 
-@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("seq", [1, 64, 83, 257])   # 64: whole key blocks (EVEN_K)
@@ -41,7 +41,7 @@ def test_matches_reference(interpreter_variant, variant, seq, causal, dtype):
     check(1, 2, 2, seq, seq, 64, causal, dtype)
 
 
-@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_grouped_query_packed_model_layout(interpreter_variant, variant):
     """GQA, uneven packed documents (length-1 ones included) and the model's [B, S, H, d]
     views: each descriptor is one (batch, head)'s [S, d] matrix at stride H * d."""
@@ -50,20 +50,20 @@ def test_grouped_query_packed_model_layout(interpreter_variant, variant):
     check(2, 4, 2, seq, seq, 64, True, torch.float16, cu_seqlens=cu, layout="bshd")
 
 
-@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("sq,sk", [(40, 83), (40, 96), (1, 64)])
 def test_causal_bottom_right(interpreter_variant, variant, sq, sk):
     interpreter_variant(variant)
     check(1, 2, 1, sq, sk, 128, True, torch.float32)
 
 
-@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_growing_scores_rescale_mid_row(interpreter_variant, variant, causal):
     """Keys whose scores grow along the sequence, so a row's maximum jumps by far more than
     2^16 from the first key block to later ones. In fp16, P = exp(score - running max)
     overflows to inf unless the running maximum (and the accumulator) follow the jump:
-    "tma_lazy" must rescale there, not only at the first block. Output and log-sum-exp
+    the lazy variants must rescale there, not only at the first block. Output and log-sum-exp
     against an fp64 softmax of the same fp16 values."""
     interpreter_variant(variant)
     gen = torch.Generator().manual_seed(0)
@@ -87,7 +87,10 @@ def test_unaligned_layouts_take_the_pointer_kernel(layout, want):
     q, k, v = make_qkv(1, 2, 2, 8, 8, 64, torch.float16, "cpu", layout)
     blk = Blocks(32, 32, 1, 1, "tma")
     assert fa.fwd_variant(blk, q, k, v) == want
-    assert fa.fwd_variant(blk._replace(variant="ptr"), q, k, v) == "ptr"
+    lazy = fa.fwd_variant(blk._replace(variant="tma_lazy"), q, k, v)
+    assert lazy == ("tma_lazy" if want == "tma" else "ptr_lazy")   # keeps its rescaling
+    for variant in ("ptr", "ptr_lazy"):
+        assert fa.fwd_variant(blk._replace(variant=variant), q, k, v) == variant
     # A base that is not 16-byte aligned: one element into the storage.
     shifted = torch.empty(2 * 8 * 64 + 1, dtype=torch.float16)[1:].view(1, 2, 8, 64)
     assert fa.fwd_variant(blk, shifted, k, v) == "ptr"
@@ -108,7 +111,7 @@ def test_block_table_reads_variants(tmp_path):
     ({"kind": "fwd", "head_dim": 64, "causal": True, "blocks": [64, 64, 4, 3],
       "variant": "tmaa"}, "variant 'tmaa'"),
     ({"kind": "dkdv", "head_dim": 64, "causal": True, "blocks": [64, 64, 4, 3],
-      "variant": "tma"}, "only the forward"),
+      "variant": "ptr_lazy"}, "only the forward"),
 ])
 def test_block_table_rejects_bad_variants(tmp_path, entry, match):
     path = tmp_path / "blocks.json"
@@ -118,7 +121,7 @@ def test_block_table_rejects_bad_variants(tmp_path, entry, match):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("d,seq", [(64, 1000), (128, 257), (128, 1)])
 def test_cuda_bf16_matches_reference(monkeypatch, variant, causal, d, seq):
@@ -128,7 +131,7 @@ def test_cuda_bf16_matches_reference(monkeypatch, variant, causal, d, seq):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", TMA_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_cuda_bf16_gqa_packed_model_layout(monkeypatch, variant):
     key = ("fwd", 128, True)
     monkeypatch.setitem(fa._HOPPER, key, fa._HOPPER[key]._replace(variant=variant))
