@@ -5,8 +5,9 @@
 #   1. install (no deps: the GPU machine's torch/triton are used) and build engine._C with the
 #      CUDA kernels, in the background (it needs CPUs, the tuning needs the GPU);
 #   2. tune the forward's tiles and loop variant (pointers or TMA, lazy rescaling, warp
-#      specialisation; scripts/tune_flash_attention.py -> flash_blocks.json). The backward's tiles were swept
-#      in earlier sessions and are in the committed table; TUNE_KEYS="" sweeps every key;
+#      specialisation; scripts/tune_flash_attention.py -> flash_blocks.json). The backward's
+#      tiles were swept in earlier sessions and are in the committed table; TUNE_KEYS=""
+#      sweeps every key;
 #   3. the flash-attention `cuda` tests (every variant), with the tuned tiles;
 #   4. the attention benchmark with the tuned tiles, read against the targets
 #      (bench/attention_targets.py), and how much of the forward's time is Python
