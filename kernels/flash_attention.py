@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+from triton.runtime import _allocation
 
 from kernels.flash_attention_bwd import (flash_bwd_dkdv_kernel, flash_bwd_dq_kernel,
                                          flash_bwd_preprocess_kernel)
@@ -172,7 +173,6 @@ def _ensure_scratch_allocator() -> None:
     """Tensor descriptors made inside a kernel live in a little global memory per program,
     which Triton asks of the allocator given to triton.set_allocator (a context variable).
     Give it torch's caching allocator, unless the caller already set one of their own."""
-    from triton.runtime import _allocation
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
 

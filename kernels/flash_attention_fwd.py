@@ -188,23 +188,14 @@ def fwd_key_blocks_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, start, stop, SQ
     """fwd_key_blocks with K and V read through tensor descriptors (Hopper's TMA engine):
     whole tiles are copied into shared memory by the hardware, with rows past SK filled
     with zeros, so neither loop needs address arithmetic or load masks. WARP_SPECIALIZE asks
-    the compiler to give the copies their own warps (a producer/consumer split); the loop
-    body is written twice because that option exists only on tl.range."""
+    the compiler to give the copies their own warps (a producer/consumer split)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    if WARP_SPECIALIZE:
-        for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=True):
-            kt = k_desc.load([start_n, 0]).T
-            v = v_desc.load([start_n, 0])
-            acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, start_n + offs_n0, SQ, SK,
-                                     scale_log2, q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED,
-                                     DOT_PRECISION, True, EVEN_K, LAZY_RESCALE)
-    else:
-        for start_n in range(start, stop, BLOCK_N):
-            kt = k_desc.load([start_n, 0]).T
-            v = v_desc.load([start_n, 0])
-            acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, start_n + offs_n0, SQ, SK,
-                                     scale_log2, q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED,
-                                     DOT_PRECISION, True, EVEN_K, LAZY_RESCALE)
+    for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        kt = k_desc.load([start_n, 0]).T
+        v = v_desc.load([start_n, 0])
+        acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, start_n + offs_n0, SQ, SK,
+                                 scale_log2, q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED,
+                                 DOT_PRECISION, True, EVEN_K, LAZY_RESCALE)
     return acc, l_i, m_i
 
 
@@ -255,7 +246,7 @@ def flash_fwd_kernel(
         q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
-    if TMA:
+    if TMA:   # apart from q's: merged, the pointer path's instructions would be reordered
         k_desc = tl.make_tensor_descriptor(k_base, shape=[SK, HEAD_DIM], strides=[sks, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[SK, HEAD_DIM], strides=[svs, 1],
