@@ -10,8 +10,9 @@
 #      sweeps every key;
 #   3. the flash-attention `cuda` tests (every variant), with the tuned tiles;
 #   4. the attention benchmark with the tuned tiles, read against the targets
-#      (bench/attention_targets.py), and how much of the forward's time is Python
-#      (scripts/attention_launch_overhead.py);
+#      (bench/attention_targets.py), how much of the forward's time is Python
+#      (scripts/attention_launch_overhead.py), and what the grouped launch order buys over
+#      head-by-head order (scripts/attention_launch_order.py);
 #   5. the remaining `cuda` tests (native build), then the other GPU benchmarks.
 #   bash bench/gpu.sh [OUT_DIR] [--quick]
 set -uo pipefail
@@ -39,7 +40,7 @@ timeout 200 python scripts/tune_flash_attention.py --out "$OUT_DIR/flash_blocks.
 if [ -s "$OUT_DIR/flash_blocks.json" ]; then export ENGINE_FLASH_BLOCKS="$OUT_DIR/flash_blocks.json"; fi
 
 ATTN_TESTS="tests/ops/test_flash_attention.py tests/ops/test_flash_attention_variants.py
-  tests/ops/test_flash_attention_model.py"
+  tests/ops/test_flash_attention_model.py tests/ops/test_flash_attention_order.py"
 log "flash-attention cuda tests (tiles: ${ENGINE_FLASH_BLOCKS:-table})"
 timeout 150 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider -rfE $ATTN_TESTS \
   >"$OUT_DIR/cuda_tests_attention.txt" 2>&1
@@ -51,6 +52,9 @@ timeout 200 python bench/run.py $QUICK --only attention --json "$OUT_DIR/bench_a
 python bench/attention_targets.py "$OUT_DIR/bench_attention.json" 2>&1 | tee -a "$OUT_DIR/gpu.log"
 log "launch overhead of the forward (wrapper / op / CUDA graph)"
 timeout 60 python scripts/attention_launch_overhead.py 2>&1 | tee -a "$OUT_DIR/gpu.log"
+log "launch order: head by head against groups of heads (L2 budgets)"
+timeout 120 python scripts/attention_launch_order.py --json "$OUT_DIR/launch_order.json" 2>&1 \
+  | tee -a "$OUT_DIR/gpu.log"
 
 log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/gpu.log"
 python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"

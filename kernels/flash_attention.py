@@ -25,6 +25,7 @@ from triton.runtime import _allocation
 from kernels.flash_attention_bwd import (flash_bwd_dkdv_kernel, flash_bwd_dq_kernel,
                                          flash_bwd_preprocess_kernel)
 from kernels.flash_attention_fwd import LOG2E, flash_fwd_kernel
+from kernels.flash_attention_order import head_group, launch_grid
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -50,7 +51,8 @@ VARIANTS = ("ptr", "ptr_lazy", "tma", "tma_lazy", "tma_ws")
 # Hopper (H100/H200) tiles, keyed on (pass, head-dim bucket, causal): the fastest correct
 # candidate of scripts/tune_flash_attention.py on an H100 80GB HBM3 (bf16, seq 4096,
 # b*s = 16k tokens, h*d = 2048; bench/results/attention_h100.json has every measurement;
-# candidates within ~3% of each other swap places between runs).
+# candidates within ~3% of each other swap places between runs). Swept when the kernels still
+# launched head by head (before flash_attention_order.py), so re-sweep before trusting ties.
 # What the sweep showed, and why these shapes win:
 #  - forward, causal d=128: one warpgroup (4 warps) on 64x64 tiles beat 8 warps on 128-row
 #    tiles (0.61-0.62 ms against 0.63-0.66): the 64-row wgmma slice is the native shape, and
@@ -217,11 +219,13 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     tma = variant.startswith("tma")
     if tma and q.device.type == "cuda":
         _ensure_scratch_allocator()
-    grid = (triton.cdiv(sq, blk.block_m), batch * heads)
-    flash_fwd_kernel[grid](
+    groups = heads // k.shape[1]
+    # A program reads its kv head's K and V, shared by `groups` query heads.
+    group = head_group(batch * heads, 2 * sk * d * k.element_size() // groups, causal)
+    flash_fwd_kernel[launch_grid(triton.cdiv(sq, blk.block_m), batch * heads)](
         q, k, v, out, lse, start, end,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
-        heads, heads // k.shape[1], sq, sk, scale * LOG2E,
+        heads, groups, sq, sk, scale * LOG2E, group,
         HEAD_DIM=d, BLOCK_D=max(triton.next_power_of_2(d), 16),
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, CAUSAL=causal, VARLEN=varlen,
         DOT_PRECISION=_dot_precision(q.dtype), TMA=tma, WARP_SPECIALIZE=variant == "tma_ws",
@@ -264,17 +268,22 @@ def flash_attention_bwd(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=has_dlse)
 
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    groups = heads // kv_heads
+    # A dK/dV program reads Q and dO of its kv head's `groups` query heads; a dQ program
+    # reads K and V as the forward does.
+    group = head_group(batch * kv_heads, 2 * sq * d * q.element_size() * groups, causal)
     blk = pick_blocks("dkdv", d, causal, q.dtype)
-    flash_bwd_dkdv_kernel[(triton.cdiv(sk, blk.block_n), batch * kv_heads)](
+    flash_bwd_dkdv_kernel[launch_grid(triton.cdiv(sk, blk.block_n), batch * kv_heads)](
         q, k, v, grad_out, lse, delta, dk, dv, start, end, *strides,
-        *dk.stride()[:3], *dv.stride()[:3], heads, heads // kv_heads, sq, sk, scale, scale * LOG2E,
+        *dk.stride()[:3], *dv.stride()[:3], heads, groups, sq, sk, scale, scale * LOG2E, group,
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps,
         num_stages=blk.num_stages, **common)
 
+    group = head_group(batch * heads, 2 * sk * d * k.element_size() // groups, causal)
     blk = pick_blocks("dq", d, causal, q.dtype)
-    flash_bwd_dq_kernel[(triton.cdiv(sq, blk.block_m), batch * heads)](
+    flash_bwd_dq_kernel[launch_grid(triton.cdiv(sq, blk.block_m), batch * heads)](
         q, k, v, grad_out, lse, delta, dq, start, end, *strides,
-        *dq.stride()[:3], heads, heads // kv_heads, sq, sk, scale, scale * LOG2E,
+        *dq.stride()[:3], heads, groups, sq, sk, scale, scale * LOG2E, group,
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps,
         num_stages=blk.num_stages, **common)
     return dq, dk, dv

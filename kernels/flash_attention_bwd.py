@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.flash_attention_fwd import full_key_end, key_range, score_mask
+from kernels.flash_attention_order import program_tile
 
 
 @triton.jit
@@ -164,13 +165,13 @@ def flash_bwd_dkdv_kernel(
     svb, svh, svs, svd,
     sdob, sdoh, sdos, sdod,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
-    H, GROUPS, SQ, SK, scale, scale_log2,
+    H, GROUPS, SQ, SK, scale, scale_log2, HEAD_GROUP,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
+    # Under causal masking the first key blocks are seen by the most queries: they go first.
+    pid_n, pid_bkv = program_tile(tl.cdiv(SK, BLOCK_N), HEAD_GROUP, False)
     HKV = H // GROUPS
     b = (pid_bkv // HKV).to(tl.int64)
     kvh = pid_bkv % HKV
@@ -226,15 +227,12 @@ def flash_bwd_dq_kernel(
     svb, svh, svs, svd,
     sdob, sdoh, sdos, sdod,
     sdqb, sdqh, sdqs,
-    H, GROUPS, SQ, SK, scale, scale_log2,
+    H, GROUPS, SQ, SK, scale, scale_log2, HEAD_GROUP,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m   # heaviest blocks first, as in the forward
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = program_tile(tl.cdiv(SQ, BLOCK_M), HEAD_GROUP, CAUSAL)   # as the forward
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     kvh = h // GROUPS

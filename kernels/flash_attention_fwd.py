@@ -33,6 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.flash_attention_order import program_tile
+
 LOG2E = 1.4426950408889634
 # A finite stand-in for -inf as the initial running max: a row whose keys are all masked in
 # the current block then gets p = exp2(-inf - MIN) = 0 and a rescale factor of exp2(0) = 1,
@@ -206,7 +208,7 @@ def flash_fwd_kernel(
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     sob, soh, sos,
-    H, GROUPS, SQ, SK, scale_log2,
+    H, GROUPS, SQ, SK, scale_log2, HEAD_GROUP,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
@@ -221,12 +223,9 @@ def flash_fwd_kernel(
     multiple of BLOCK_N) lets the TMA variants drop the key-bound test from their mask.
     LAZY_RESCALE rescales the accumulator only when a row maximum jumps (either loads)."""
     tl.static_assert(TMA or not WARP_SPECIALIZE, "WARP_SPECIALIZE needs TMA")
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        # Causal blocks near the end of the sequence do the most work; launching them first
-        # keeps the last wave of the grid from being a few long stragglers.
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    # Causal blocks near the end of the sequence do the most work: they go first, a few heads
+    # at a time (flash_attention_order.py), so the grid does not end on long stragglers.
+    pid_m, pid_bh = program_tile(tl.cdiv(SQ, BLOCK_M), HEAD_GROUP, CAUSAL)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     kvh = h // GROUPS

@@ -28,7 +28,7 @@ from kernels.flash_attention_bwd import (flash_bwd_dkdv_kernel, flash_bwd_dq_ker
 from kernels.flash_attention_fwd import flash_fwd_kernel
 
 FLOATS = {"scale", "scale_log2"}
-SIZES = {"H", "GROUPS", "SQ", "SK"}
+SIZES = {"H", "GROUPS", "SQ", "SK", "HEAD_GROUP"}
 INT_PTRS = {"DOC_START", "DOC_END"}
 FP32_PTRS = {"LSE", "DELTA", "DLSE"}
 
