@@ -8,7 +8,8 @@ On CUDA (bf16): seq 1k/4k/16k (quick: 1k), head dim 64/128, causal and not; impl
 `triton` (kernels/flash_attention.py), the engine `reference` (SDPA with an explicit boolean
 mask, the ratio's base) and SDPA forced to each backend the device offers (flash, cudnn,
 efficient; one that refuses the shape is skipped). TFLOP/s and % of the bf16 dense peak are
-reported when the device's peak is known.
+reported when the device's peak is known. Each impl is timed in two sweeps, the second in
+reverse order, so that clock drift over the run favours no impl.
 
 On CPU: the reference against plain SDPA (is_causal, no mask tensor) at small sizes. The
 Triton rows are skipped, and the case names say so: the interpreter that runs them on CPU is
@@ -85,27 +86,41 @@ def bench_case(b, h, s, d, causal, device, dtype, note="") -> list[Row]:
     grad_out = torch.randn(b, h, s, d, device=device, dtype=dtype, generator=gen)
     peak = peak_tflops(device)
     dev = device_name(device)
-    reps = dict(reps=5, min_time_s=0.1) if device.type == "cpu" else {}
-    timed: dict[tuple[str, str], tuple[float, float]] = {}
+    impls = {}
     for name, fn in sdpa_impls(device).items():
         try:
             with torch.no_grad():
                 fn(q, k, v, causal)       # a backend that refuses the shape raises here
-            out = fn(q, k, v, causal)
+            impls[name] = fn
         except RuntimeError as exc:
             print(f"  skip {name} at s={s} d={d}: {str(exc).splitlines()[0][:100]}")
-            continue
+    # On a GPU every impl is timed twice, the second time in reverse order, for half as long
+    # each time, and gets the mean of its two medians: the clock drifts as the GPU heats under
+    # the heavy rows, and a fixed order would hand that drift to whichever impl runs last.
+    if device.type == "cuda":
+        sweeps, reps = (list(impls), list(impls)[::-1]), dict(cuda_ms=50)
+    else:
+        sweeps, reps = (list(impls),), dict(reps=5, min_time_s=0.1)
+    times: dict[tuple[str, str], list[float]] = {}
+    mems: dict[tuple[str, str], float] = {}
+    for sweep in sweeps:
+        for name in sweep:
+            fn = impls[name]
+            out = fn(q, k, v, causal)
 
-        def fwd(fn=fn):
-            with torch.no_grad():
-                return fn(q, k, v, causal)
+            def fwd(fn=fn):
+                with torch.no_grad():
+                    return fn(q, k, v, causal)
 
-        def bwd(out=out):
-            return torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+            def bwd(out=out):
+                return torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
 
-        timed[(name, "fwd")] = (time_fn(fwd, device, **reps), peak_memory_mb(fwd, device))
-        timed[(name, "bwd")] = (time_fn(bwd, device, **reps), peak_memory_mb(bwd, device))
-        del out
+            for kind, call in (("fwd", fwd), ("bwd", bwd)):
+                times.setdefault((name, kind), []).append(time_fn(call, device, **reps))
+                if (name, kind) not in mems:
+                    mems[(name, kind)] = peak_memory_mb(call, device)
+            del out, bwd, call   # the autograd graph of this impl goes before the next
+    timed = {key: (sum(ms) / len(ms), mems[key]) for key, ms in times.items()}
     rows = []
     for (name, kind), (ms, mem) in timed.items():
         base = timed.get(("reference", kind))

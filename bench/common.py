@@ -40,12 +40,13 @@ def device_name(device: torch.device | str = "cpu") -> str:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 2,
-            reps: int = 10, min_time_s: float = 0.2) -> float:
-    """Median milliseconds per call. On CUDA it uses triton.testing.do_bench (cold L2)."""
+            reps: int = 10, min_time_s: float = 0.2, cuda_ms: int = 100) -> float:
+    """Median milliseconds per call. On CUDA it uses triton.testing.do_bench (cold L2) for
+    about `cuda_ms` of calls; warmup, reps and min_time_s are the CPU loop's."""
     device = torch.device(device)
     if device.type == "cuda":
         import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=cuda_ms, return_mode="median"))
     for _ in range(warmup):
         fn()
     times = []
