@@ -8,12 +8,13 @@
 #      specialisation; scripts/tune_flash_attention.py -> flash_blocks.json). The backward's
 #      tiles were swept in earlier sessions and are in the committed table; TUNE_KEYS=""
 #      sweeps every key;
-#   3. the flash-attention `cuda` tests (every variant), with the tuned tiles;
-#   4. the attention benchmark with the tuned tiles, read against the targets
-#      (bench/attention_targets.py), how much of the forward's time is Python
-#      (scripts/attention_launch_overhead.py), and what the grouped launch order buys over
-#      head-by-head order (scripts/attention_launch_order.py);
-#   5. the remaining `cuda` tests (native build), then the other GPU benchmarks.
+#   3. the causal launch order: head by head against groups of heads under a few L2 budgets
+#      (scripts/attention_launch_order.py); the rest runs with the best budget;
+#   4. the flash-attention `cuda` tests (every variant), with the tuned tiles;
+#   5. the attention benchmark with the tuned tiles, read against the targets
+#      (bench/attention_targets.py), and how much of the forward's time is Python
+#      (scripts/attention_launch_overhead.py);
+#   6. the remaining `cuda` tests (native build), then the other GPU benchmarks.
 #   bash bench/gpu.sh [OUT_DIR] [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,14 @@ timeout 200 python scripts/tune_flash_attention.py --out "$OUT_DIR/flash_blocks.
   2>&1 | tee -a "$OUT_DIR/gpu.log"
 if [ -s "$OUT_DIR/flash_blocks.json" ]; then export ENGINE_FLASH_BLOCKS="$OUT_DIR/flash_blocks.json"; fi
 
+log "launch order: head by head against groups of heads (L2 budgets), with the tuned tiles"
+timeout 120 python scripts/attention_launch_order.py --json "$OUT_DIR/launch_order.json" 2>&1 \
+  | tee -a "$OUT_DIR/gpu.log"
+BEST_BUDGET=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['best_budget_mib'])" \
+  "$OUT_DIR/launch_order.json" 2>/dev/null)
+if [ -n "$BEST_BUDGET" ]; then export ENGINE_FLASH_L2_BUDGET_MIB="$BEST_BUDGET"; fi
+log "L2 budget for the rest: ${ENGINE_FLASH_L2_BUDGET_MIB:-default} MiB"
+
 ATTN_TESTS="tests/ops/test_flash_attention.py tests/ops/test_flash_attention_variants.py
   tests/ops/test_flash_attention_model.py tests/ops/test_flash_attention_order.py"
 log "flash-attention cuda tests (tiles: ${ENGINE_FLASH_BLOCKS:-table})"
@@ -52,9 +61,6 @@ timeout 200 python bench/run.py $QUICK --only attention --json "$OUT_DIR/bench_a
 python bench/attention_targets.py "$OUT_DIR/bench_attention.json" 2>&1 | tee -a "$OUT_DIR/gpu.log"
 log "launch overhead of the forward (wrapper / op / CUDA graph)"
 timeout 60 python scripts/attention_launch_overhead.py 2>&1 | tee -a "$OUT_DIR/gpu.log"
-log "launch order: head by head against groups of heads (L2 budgets)"
-timeout 120 python scripts/attention_launch_order.py --json "$OUT_DIR/launch_order.json" 2>&1 \
-  | tee -a "$OUT_DIR/gpu.log"
 
 log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/gpu.log"
 python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"

@@ -21,13 +21,31 @@ written for a one-dimensional Triton grid.
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-# K/V bytes that a group's resident programs may share in L2 (H100: 50 MiB of L2, split in
-# two partitions; a third of it leaves room for Q, O and the other programs' traffic). Also
-# read by tests, which shrink it to get groups of a few heads; 0 gives head-by-head order.
-L2_BUDGET_BYTES = 16 * 2**20
+
+def budget_from_env(value: str | None) -> int:
+    """ENGINE_FLASH_L2_BUDGET_MIB (MiB, >= 0) in bytes; 16 MiB when unset. H100 and H200
+    have 50 MiB of L2 in two partitions: a third of it leaves room for Q, O and the traffic
+    of programs outside the group. 0 gives head-by-head order. scripts/attention_launch_order.py
+    measures budgets on a GPU; bench/gpu.sh runs the rest of its benchmarks with the best."""
+    if value is None or value == "":
+        return 16 * 2**20
+    try:
+        mib = float(value)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0:
+        raise ValueError(f"ENGINE_FLASH_L2_BUDGET_MIB={value!r}: expected a number of MiB >= 0")
+    return int(mib * 2**20)
+
+
+# K/V bytes that a group's resident programs may share in L2. Tests shrink it (or patch
+# head_group) to get groups of a few heads.
+L2_BUDGET_BYTES = budget_from_env(os.environ.get("ENGINE_FLASH_L2_BUDGET_MIB"))
 
 
 def head_group(batch_heads: int, kv_bytes_per_head: int, causal: bool) -> int:

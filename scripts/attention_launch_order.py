@@ -8,12 +8,14 @@ Budget 0 is the head-by-head order (every kernel before the grouped order existe
 default budget is kernels.flash_attention_order.L2_BUDGET_BYTES. Shapes are bench/attention.py's
 (b * s = 16k tokens, h * d = 2048). The budgets are timed in turn, twice over in opposite
 order, and each gets the mean of its two medians, so a clock that drifts during the run
-favours none of them.
+favours none of them. The last line names the budget with the best geometric-mean speed over
+every pass and length (bench/gpu.sh sets ENGINE_FLASH_L2_BUDGET_MIB to it).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -81,9 +83,13 @@ def main(argv=None) -> int:
                                         head_group=group, ms=times, tflops=tflops))
     finally:
         order.L2_BUDGET_BYTES = default
+    best = max(budgets, key=lambda budget: sum(math.log(r["tflops"]) for r in results
+                                               if r["budget_mib"] == budget >> 20))
+    print(f"best budget: {best / 2**20:g} MiB")
     if args.json:
         args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
-                                             results=results), indent=1))
+                                             best_budget_mib=best / 2**20, results=results),
+                                        indent=1))
     return 0
 
 

@@ -63,6 +63,15 @@ def test_head_group_fills_the_l2_budget(monkeypatch):
     assert order.head_group(64, 2 * 2**20, causal=True) == 1
 
 
+def test_budget_from_env():
+    assert order.budget_from_env(None) == order.budget_from_env("") == 16 * 2**20
+    assert order.budget_from_env("0") == 0
+    assert order.budget_from_env("2.5") == int(2.5 * 2**20)
+    for bad in ("-1", "lots", "nan"):
+        with pytest.raises(ValueError, match="ENGINE_FLASH_L2_BUDGET_MIB"):
+            order.budget_from_env(bad)
+
+
 @pytest.fixture
 def groups_of_three(monkeypatch):
     """Causal launches in groups of 3 heads whatever the tensors' size (1 without the mask,
