@@ -166,6 +166,40 @@ class RetrievalConfig:
     shards: int = 4                  # offline retrieval pass: one shard per worker
 
 
+SFT_TASKS = ("text_to_image", "caption", "vqa", "edit")
+
+
+@dataclass
+class SFTConfig:
+    """Instruction tuning (python -m engine.train --sft-from RUN; engine/data/instructions.py):
+    the run it starts from and the share of each task in its stream. An SFT run's `train`
+    section is its own schedule (sft_schedule below), not the pretraining one."""
+    source_run: str = ""             # "" = a pretraining run
+    examples: int = 6_000            # shapes drawn for the instruction set
+    text_to_image: float = 0.25
+    caption: float = 0.15
+    vqa: float = 0.35
+    edit: float = 0.25
+
+    def __post_init__(self):
+        mix = [getattr(self, t) for t in SFT_TASKS]
+        if min(mix) < 0 or sum(mix) <= 0:
+            raise ValueError(f"sft task shares must be >= 0 with a positive sum; got "
+                             f"{dict(zip(SFT_TASKS, mix))}")
+        if self.examples < 1:
+            raise ValueError(f"sft.examples must be >= 1, got {self.examples}")
+
+
+def sft_schedule(pretrain: TrainConfig) -> TrainConfig:
+    """The tuning schedule an SFT run starts from: a fifth of the pretraining peak rate after
+    a short warmup, a few hundred steps (tiny), and an EMA horizon (~100 steps) short enough
+    that the averaged weights are the tuned ones rather than the pretrained ones they start
+    from; batch size, seed and the rest as pretraining had them."""
+    return dataclasses.replace(pretrain, steps=600, lr=pretrain.lr / 5, warmup_steps=50,
+                               checkpoint_every=200,
+                               ema_decay=0.99 if pretrain.ema_decay > 0 else 0.0)
+
+
 @dataclass
 class EngineConfig:
     preset: str = "tiny"
@@ -176,6 +210,7 @@ class EngineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -210,7 +245,7 @@ class EngineConfig:
 
 _SECTIONS = {"vocab": VocabConfig, "image": ImageConfig, "model": ModelConfig,
              "train": TrainConfig, "data": DataConfig, "sample": SampleConfig,
-             "retrieval": RetrievalConfig}
+             "retrieval": RetrievalConfig, "sft": SFTConfig}
 
 
 def _tiny() -> EngineConfig:

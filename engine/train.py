@@ -11,6 +11,10 @@ prompt accuracy.
   python -m engine.train --out runs/a --resume        # continue from the latest checkpoint
   python -m engine.train --set train.lr=1e-3 --set model.n_layers=6
   python -m engine.train --out runs/rag --retrieve 2 --set model.max_seq_len=384
+  python -m engine.train --sft-from runs/tiny         # instruction tuning into runs/tiny-sft
+
+--sft-from RUN instruction-tunes RUN's model (text -> image, captioning, question answering,
+editing; loss on the outputs only) into a run directory of its own (engine/instruction_tuning.py).
 """
 from __future__ import annotations
 
@@ -33,9 +37,14 @@ log = logging.getLogger("engine.train")
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", help=f"model/data preset: {', '.join(PRESETS)}")
+    ap.add_argument("--preset", default=None, help=f"model/data preset: {', '.join(PRESETS)} "
+                    "(default: tiny)")
     ap.add_argument("--data", default=None, help=f"dataset: {', '.join(DATASETS)} (default: the preset's)")
-    ap.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="run directory (default: runs/tiny; with --sft-from, RUN-sft)")
+    ap.add_argument("--sft-from", type=Path, default=None, metavar="RUN",
+                    help="instruction-tune the model of the finished run RUN (its config, "
+                         "tokenizers and weights; --steps and --set then change the tuning)")
     ap.add_argument("--steps", type=int, default=None, help="model training steps (default: the preset's)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     ap.add_argument("--dry-run", action="store_true",
@@ -69,7 +78,16 @@ def apply_overrides(cfg: EngineConfig, pairs: list[str]) -> EngineConfig:
 
 
 def resolve_config(args) -> EngineConfig:
-    cfg = get_preset(args.preset)
+    if args.sft_from is not None:
+        if args.preset or args.data or args.retrieve:
+            raise ValueError("--sft-from takes the model, data and retrieval of its run: drop "
+                             "--preset, --data and --retrieve")
+        from engine.instruction_tuning import sft_config
+        cfg = sft_config(args.sft_from)
+        if args.steps is not None:
+            cfg.train.steps = args.steps
+        return apply_overrides(cfg, args.set)
+    cfg = get_preset(args.preset or "tiny")
     if args.data is not None:
         if args.data not in DATASETS:
             raise ValueError(f"unknown dataset {args.data!r}; choose one of: {', '.join(DATASETS)}")
@@ -114,18 +132,28 @@ def prepare_run_dir(args, cfg: EngineConfig) -> EngineConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out is None:
+        args.out = Path("runs/tiny") if args.sft_from is None else Path(f"{args.sft_from}-sft")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.resume and args.sft_from is not None:
+            raise ValueError("--resume continues the run in --out as it was configured: drop "
+                             "--sft-from")
         cfg = resolve_config(args)
         if args.dry_run:
             dry_run(cfg)
             return 0
         cfg = prepare_run_dir(args, cfg)
         from engine.host_memory import keep_freed_memory
-        from engine.pipeline import run_pipeline
         keep_freed_memory()
-        run_pipeline(cfg, args.out, device=args.device, resume=args.resume,
-                     evaluate=not args.no_eval, progress=not args.quiet)
+        kwargs = dict(device=args.device, resume=args.resume, evaluate=not args.no_eval,
+                      progress=not args.quiet)
+        if cfg.sft.source_run:
+            from engine.instruction_tuning import run_instruction_tuning
+            run_instruction_tuning(cfg, args.out, **kwargs)
+        else:
+            from engine.pipeline import run_pipeline
+            run_pipeline(cfg, args.out, **kwargs)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -61,8 +61,11 @@ def bf16_autocast_ok(device: torch.device) -> bool:
 
 
 def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run_dir: Path,
-                device: torch.device, resume: bool, progress: bool = True) -> list[dict]:
-    """stream_factory(seed) -> iterator of token lists. Returns the metrics records."""
+                device: torch.device, resume: bool, progress: bool = True,
+                context_only=None) -> list[dict]:
+    """stream_factory(seed) -> iterator of token lists. Returns the metrics records.
+    context_only(doc) -> [start, end) ranges trained as context only (engine.data.packing);
+    by default the CM3 rule cfg.image_loss_after_caption_span sets."""
     model.to(device).train()
     optim = make_optimizer(model, cfg)
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -79,8 +82,8 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
             average.copy_to(model)
         return _read_metrics(run_dir)
     _truncate_metrics(run_dir, start)   # drop lines logged after the checkpoint we resume from
-    context_only = None if cfg.image_loss_after_caption_span else \
-        functools.partial(images_after_caption_spans, vocab=vocab)
+    if context_only is None and not cfg.image_loss_after_caption_span:
+        context_only = functools.partial(images_after_caption_spans, vocab=vocab)
     packer = Packer(stream_factory(cfg.seed * 1_000_003 + start), vocab, model.cfg.max_seq_len,
                     row_len=cfg.row_tokens or None, context_only=context_only)
     use_bf16 = cfg.autocast_bf16 and bf16_autocast_ok(device)

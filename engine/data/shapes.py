@@ -60,6 +60,9 @@ class ShapeExample:
     image: Image.Image
     caption: str
     objects: tuple[tuple[str, str, str], ...]   # (colour, shape, position word)
+    # What draw_shapes drew: (colour, shape, cx, cy, radius) per object, so the same picture
+    # can be redrawn with one thing changed (instruction tuning's edits).
+    drawn: tuple[tuple[str, str, float, float, float], ...] = ()
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -229,8 +232,8 @@ class ShapesDataset:
             pairs.append(second)
         placed = self._place(n, rng)
         s = self.image_size
-        image = draw_shapes([(c, sh, cx, cy, _radius(z, s))
-                         for (c, sh), (pos, z, cx, cy) in zip(pairs, placed)], s)
+        drawn = tuple((c, sh, cx, cy, _radius(z, s)) for (c, sh), (pos, z, cx, cy) in zip(pairs, placed))
+        image = draw_shapes(list(drawn), s)
         full = [(c, sh, z, pos) for (c, sh), (pos, z, _, _) in zip(pairs, placed)]
         if n == 1:
             c, sh, z, pos = full[0]
@@ -238,7 +241,7 @@ class ShapesDataset:
         else:
             caption = _pair_caption(full[0], full[1], rng)
         return ShapeExample(image=image, caption=caption,
-                            objects=tuple((c, sh, pos) for c, sh, _, pos in full))
+                            objects=tuple((c, sh, pos) for c, sh, _, pos in full), drawn=drawn)
 
     def _place(self, n: int, rng: np.random.Generator) -> list[tuple[str, str, float, float]]:
         """(position word, size word, cx, cy) for n shapes that do not touch."""
