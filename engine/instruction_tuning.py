@@ -85,7 +85,8 @@ def run_instruction_tuning(cfg: EngineConfig, out: Path, device: str | None = No
     timings, started = {}, time.time()
 
     log.info("== instruction set: %d pictures", cfg.sft.examples)
-    # Pictures the pretraining stream also draws from (same split, other indices' seed).
+    # Fresh pictures of the training split (so never a held-out pair), drawn with another
+    # seed than the pretraining corpus's.
     pictures = load_dataset(cfg.data.dataset, "train", cfg.image, cfg.sft.examples,
                             cfg.train.seed + 1)
     data = build_instruction_set(pictures, text, vq, cfg.train.seed, progress=progress)
