@@ -12,7 +12,8 @@ Unconditional rows (CFG): the whole prompt replaced by one <mask>, "<bos> <mask>
 the form condition dropout trains. The 3-way editing form adds an "image only" row: every
 text segment replaced by <mask>, the images kept.
 
-Infilling: "<mask>" inside a text segment, or a MASK/None image segment, is a span to fill.
+Infilling: "<mask>" inside a text segment, or a MASK/None image segment, is a span to fill
+(a text span includes the space before it: "a <mask> circle" fills as "a" + " red" + " circle").
 Span i becomes <mask:i> in place; the prompt then ends with "<mask:0>" and the model writes
 span 0, then <mask:1> (forced if the model does not write it), ... (engine.data.cm3's layout).
 
@@ -142,9 +143,16 @@ def prepare(prompt: Prompt | Document, tok: DocumentTokenizer, modality: str,
             segments.append([sentinel("image")])
         elif isinstance(seg, TextSegment):
             ids: list[int] = []
-            for j, piece in enumerate(re.split(re.escape(MASK_TEXT), seg.text)):
+            pieces = re.split(re.escape(MASK_TEXT), seg.text)
+            for j, piece in enumerate(pieces):
                 if j:
                     ids.append(sentinel("text"))
+                if j < len(pieces) - 1 and piece.endswith(" "):
+                    # "a <mask> circle": the span takes the space before it, as CM3 cut its
+                    # spans in training (BPE words carry their leading space: " red"), so the
+                    # model never reads a lone space before a sentinel and the filled text has
+                    # one space, not two.
+                    piece = piece[:-1]
                 ids += tok.text.encode(piece) if piece else []
             segments.append(ids)
         else:

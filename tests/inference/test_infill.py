@@ -20,9 +20,19 @@ def test_text_span_layout_and_splice(engine):
     [r] = engine.generate(["a <mask> circle"], params)
     for s in r.samples:
         [filled] = s.infilled
-        assert s.text == f"a {filled} circle"
+        assert s.text == f"a{filled} circle"      # the span holds the space before it
         assert all(not v.is_image(t) for t in s.token_ids)
         assert s.finish_reason in ("eos", "length")
+
+
+def test_a_text_span_takes_the_space_before_it(engine):
+    """CM3 spans start on BPE words, which carry their leading space (" red"): "a <mask>" is
+    read as "a" then the span, never as "a", a lone space, then the span."""
+    params = SamplingParams(modality="text")
+    assert engine.prepare("a <mask> circle", params).cond == engine.prepare("a<mask> circle", params).cond
+    assert engine.prepare("<mask> circle", params).cond[1] == engine.vocab.sentinel(0)
+    spaced = engine.prepare("a red circle <mask>", params).cond
+    assert spaced == engine.prepare("a red circle<mask>", params).cond
 
 
 def test_several_spans_and_an_image_hole(engine):
@@ -36,7 +46,7 @@ def test_several_spans_and_an_image_hole(engine):
         assert len(s.infilled) == 3 and len(s.images) == 1
         assert s.infilled[0] is s.images[0] and s.infilled[0].size == (16, 16)
         assert all(isinstance(x, str) for x in s.infilled[1:])
-        assert s.text.startswith("a ") and " circle " in s.text or s.finish_reason == "length"
+        assert s.text.startswith("a") and " circle" in s.text or s.finish_reason == "length"
         if s.finish_reason == "eos":
             assert ids.count(v.sentinel(2)) == 1 and ids[-1] == v.eos
 
