@@ -128,7 +128,7 @@ def evaluate_against_source(cfg: EngineConfig, run: RunDir, engine, device: str)
     from engine.eval.shape_classifier import ShapeClassifier
     from engine.inference import Engine
     judge = ShapeClassifier.load(run.classifier)
-    args = (cfg.image.image_size, 64, cfg.train.seed)
+    args = (cfg.image.image_size, 128, cfg.train.seed)
     tuned, samples = evaluate_instructions(engine, judge, *args)
     source, _ = evaluate_instructions(Engine.from_run(cfg.sft.source_run, device), judge, *args)
     run.samples.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """How well a run follows instructions: questions, edits and captions on held-out pictures.
 
-  python -m engine.eval.instruction_eval --run runs/tiny-sft [--n 64] [--seed 0] [--png P]
+  python -m engine.eval.instruction_eval --run runs/tiny-sft [--n 128] [--seed 0] [--png P]
 
 Pictures come from the heldout split (half of them show a held-out colour-shape pair); the
-one-shape ones are asked about and edited:
+first n one-shape ones (128: 64 edits of each kind, so a rate is good to about +-6 points)
+are asked about and edited:
   vqa_colour, vqa_shape, vqa_place   the greedy answer to "what colour is the shape?", "what
                                      shape is it?", "where is the {shape}?" is the word
   vqa_count                          "how many shapes are there?" on one- and two-shape pictures
@@ -67,7 +68,7 @@ def edit_cases(pictures, seed: int):
             yield x, f"make it a {new}", colour, new, "edit_shape"
 
 
-def evaluate_instructions(engine, classifier, image_size: int, n: int = 64, seed: int = 0,
+def evaluate_instructions(engine, classifier, image_size: int, n: int = 128, seed: int = 0,
                           edit_sampling: dict = EDIT_SAMPLING) -> tuple[dict, list]:
     """(rates, edit samples [(input, instruction, output)]) for the engine's model."""
     from engine.inference import SamplingParams
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.eval.instruction_eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
-    ap.add_argument("--n", type=int, default=64, help="one-shape pictures to ask about and edit")
+    ap.add_argument("--n", type=int, default=128, help="one-shape pictures to ask about and edit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--png", default=None, help="also write input/output pairs of the edits here")
     ap.add_argument("--device", default=None)
