@@ -25,8 +25,9 @@ through per-(batch, head) tensor descriptors, which copies whole tiles into shar
 with the copy engine instead of the threads; either of them with lazy rescaling (the
 accumulator is rescaled only when a row maximum jumps by more than 2^8, FlashAttention-4's
 trick); and TMA with Triton's warp specialisation, where producer warps issue the copies and
-the consumer warpgroup only computes. The plain pointer path compiles to the same
-instructions as before the others existed (sm_90, Triton 3.6).
+the consumer warpgroup only computes. Adding them left the plain pointer path's sm_90 code
+unchanged (Triton 3.6); the launch order (flash_attention_order.py) later changed only how a
+program finds its tile.
 """
 from __future__ import annotations
 

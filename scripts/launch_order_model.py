@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.flash_attention_order import L2_BUDGET_BYTES  # noqa: E402
+from kernels.flash_attention_order import head_group  # noqa: E402
 
 FIXED_COST = 1.5      # prologue + epilogue, in key-block visits
 MASKED_EXTRA = 0.3    # the diagonal block's mask, in key-block visits
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
           f"{args.solo:.0%}; efficiency = ideal / modelled time")
     for s in (1024, 4096, 16384):
         heads = (16384 // s) * (2048 // d)
-        group = max(1, min(heads, L2_BUDGET_BYTES // (2 * s * d * 2)))
+        group = head_group(heads, 2 * s * d * 2, causal=True)   # bf16 K and V of one head
         for name, rows, step, per_sm in passes:
             n = s // rows
             if name == "dkdv":     # key block j is seen by the queries from j * rows on

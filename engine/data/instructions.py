@@ -28,9 +28,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from engine.config import SFT_TASKS, SFTConfig
+from engine.data.corpus import encode_corpus
 from engine.data.shapes import COLOURS, HELD_OUT, SHAPES, ShapeExample, draw_shapes
 from engine.tokenizer.vocab import Vocab
 
@@ -96,23 +96,16 @@ class InstructionSet:
         return sorted(self.edits)
 
 
-def build_instruction_set(dataset, text, vq, seed: int, batch: int = 256,
-                          progress: bool = True) -> InstructionSet:
+def build_instruction_set(dataset, text, vq, seed: int, progress: bool = True) -> InstructionSet:
     """Every picture of `dataset` and its edit through the BPE and the VQ-VAE encoder."""
-    from engine.tokenizer.vqvae import images_to_tensor
     rng = np.random.default_rng(seed)
     examples = [dataset[i] for i in range(len(dataset))]
     edits = {i: e for i, e in ((i, edit_for(x, rng)) for i, x in enumerate(examples)) if e}
-    images = [x.image for x in examples] + [e[1].image for e in edits.values()]
-    codes = []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(images), batch), desc="encode instructions",
-                          disable=not progress, unit="batch"):
-            codes.append(vq.encode(images_to_tensor(images[start:start + batch])).cpu())
-    codes = torch.cat(codes)
+    encoded = encode_corpus(examples + [edited for _, edited in edits.values()], text, vq,
+                            progress=progress)
     n = len(examples)
-    edited = {i: (e[0], codes[n + j]) for j, (i, e) in enumerate(edits.items())}
-    return InstructionSet(examples, [text.encode(x.caption) for x in examples], codes[:n], edited)
+    edited = {i: (e[0], encoded.codes[n + j]) for j, (i, e) in enumerate(edits.items())}
+    return InstructionSet(examples, encoded.captions[:n], encoded.codes[:n], edited)
 
 
 def _image(codes, vocab: Vocab) -> list[int]:
