@@ -14,7 +14,8 @@
 #   5. the attention benchmark with the tuned tiles, read against the targets
 #      (bench/attention_targets.py), and how much of the forward's time is Python
 #      (scripts/attention_launch_overhead.py);
-#   6. the remaining `cuda` tests (native build), then the other GPU benchmarks.
+#   6. the span-loss benchmark (auto's `chunked` against the reference and the fused kernel);
+#   7. the remaining `cuda` tests (native build), then the other GPU benchmarks.
 #   bash bench/gpu.sh [OUT_DIR] [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +63,10 @@ python bench/attention_targets.py "$OUT_DIR/bench_attention.json" 2>&1 | tee -a 
 log "launch overhead of the forward (wrapper / op / CUDA graph)"
 timeout 60 python scripts/attention_launch_overhead.py 2>&1 | tee -a "$OUT_DIR/gpu.log"
 
+log "span-loss benchmark (no native build needed; before the slower steps that may be cut)"
+timeout 100 python bench/run.py $QUICK --only span_loss --json "$OUT_DIR/bench_span_loss.json" \
+  2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -12
+
 log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/gpu.log"
 python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"
 
@@ -71,6 +76,6 @@ ENGINE_REQUIRE_NATIVE=1 timeout 150 python -m pytest -q -m cuda --timeout 120 -p
 tail -15 "$OUT_DIR/cuda_tests.txt" | tee -a "$OUT_DIR/gpu.log"
 
 log "other GPU benchmarks"
-timeout 120 python bench/run.py $QUICK --only span_loss,sampling,paged_attention,generation \
+timeout 120 python bench/run.py $QUICK --only sampling,paged_attention,generation \
   --json "$OUT_DIR/bench_other.json" 2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -40
 log "done"

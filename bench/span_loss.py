@@ -5,8 +5,8 @@ computes the loss and both gradients (d_hidden, d_weight) with torch.autograd.gr
 peak memory includes the gradients themselves (d_weight alone is V x d).
   plain      F.cross_entropy(hidden @ weight.T, targets): all N rows, full logits
   reference  engine's reference: compaction, then full fp32 logits of the target rows
-  chunked    engine's torch path (auto's pick on CPU): compaction, blocks of rows,
-             O(chunk x V) memory
+  chunked    auto's pick: compaction, blocks of rows, O(block x V) memory; the BLAS's
+             matmuls with a row pass between them (CUDA: kernels/cross_entropy_rows.py)
   triton     kernels/span_cross_entropy.py (CUDA): logits never leave registers
   liger / cce  LigerFusedLinearCrossEntropyLoss / cut_cross_entropy.linear_cross_entropy,
              when importable (skipped otherwise)
@@ -103,7 +103,6 @@ def _case(n, d, dtype, device, impls, reps, note="") -> list[Row]:
 def run(quick: bool) -> list[Row]:
     if torch.cuda.is_available():
         device = torch.device("cuda")
-        # chunked too: on a GPU its three matmuls are cuBLAS's, the Triton path's are its own.
         impls = {"plain": _plain, "reference": _engine("reference"),
                  "chunked": _engine("chunked"), "triton": _engine("triton"), **_peers()}
         sizes = [8_192] if quick else [8_192, 32_768]

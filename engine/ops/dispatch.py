@@ -5,8 +5,9 @@ signature. Selection, per call:
   1. an explicit `backend=` argument,
   2. else the `ENGINE_BACKEND` environment variable: either one name for every op
      (`ENGINE_BACKEND=triton`) or per-op pairs (`ENGINE_BACKEND=attention=triton,cfg_sample=cpp`),
-  3. else `auto`: the first backend in priority order (cuda, triton, cpp, chunked, reference)
-     whose `supports(...)` accepts the call.
+  3. else `auto`: the first backend in priority order (cuda, triton, cpp, chunked, reference,
+     unless the op was given its own order from measurements) whose `supports(...)` accepts
+     the call.
      Under TRITON_INTERPRET=1 auto never picks `triton`: the interpreter is a test vehicle for
      CPU machines, not a fast path; force it (argument or env) to run a kernel there.
 A forced backend that is missing or refuses the inputs is an error naming why; `auto` falls
@@ -21,8 +22,8 @@ from typing import Any, Callable
 
 log = logging.getLogger("engine.ops")
 
-# `chunked`: a plain-torch path that reshapes the work (e.g. blocks of rows) to bound memory;
-# slower per FLOP than a native kernel, still preferred to the reference (span_cross_entropy).
+# `chunked`: reshapes the work (e.g. blocks of rows) to bound memory, with the library's
+# matmuls and a small kernel or plain torch between them; preferred to the reference.
 PRIORITY = ("cuda", "triton", "cpp", "chunked", "reference")
 
 
@@ -43,8 +44,12 @@ def _always(*_args, **_kwargs) -> str | None:
 
 
 class Op:
-    def __init__(self, name: str, reference: Callable[..., Any]):
+    def __init__(self, name: str, reference: Callable[..., Any],
+                 priority: tuple[str, ...] = PRIORITY):
+        if sorted(priority) != sorted(PRIORITY):
+            raise ValueError(f"priority must order exactly {PRIORITY}; got {priority}")
         self.name = name
+        self.priority = priority
         self.backends: dict[str, Backend] = {"reference": Backend("reference", reference, _always)}
         self._unavailable: dict[str, str] = {}
         self._last_auto: str | None = None
@@ -86,7 +91,7 @@ class Op:
                 raise BackendError(f"{self.name}: backend {choice!r} cannot run this call: {reason}")
             return b
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        for name in PRIORITY:
+        for name in self.priority:
             b = self.backends.get(name)
             if b is None or (name == "triton" and interpreted):
                 continue
@@ -101,4 +106,4 @@ class Op:
         return self.select(*args, backend=backend, **kwargs).fn(*args, **kwargs)
 
     def available(self) -> list[str]:
-        return [n for n in PRIORITY if n in self.backends]
+        return [n for n in self.priority if n in self.backends]

@@ -11,9 +11,13 @@ Options (all computed in fp32):
 Reductions: "mean" over target rows (0.0 when there are none, never NaN), "sum", "none"
 (a [N] tensor, zero on ignored rows).
 
-Backends: `triton` (kernels/span_cross_entropy.py: tiles of logits live only in registers;
-on CUDA, or under TRITON_INTERPRET=1 when forced) and `chunked` (plain torch over blocks of
-target rows, below: peak memory O(chunk x V); auto's pick on CPU).
+Backends:
+  chunked  blocks of target rows (below): the BLAS's matmuls, and between them a row pass
+           that is one Triton kernel on CUDA (kernels/cross_entropy_rows.py) and torch on
+           CPU; peak memory O(block x V). auto's pick on CUDA and on CPU.
+  triton   kernels/span_cross_entropy.py: tiles of logits live only in registers, the least
+           memory, but slower on a GPU (see the priority below); on CUDA, or under
+           TRITON_INTERPRET=1 when forced.
 """
 from __future__ import annotations
 
@@ -58,21 +62,37 @@ def reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     return torch.zeros(hidden.shape[0], dtype=loss.dtype, device=loss.device).index_put((rows,), loss)
 
 
-span_cross_entropy = Op("span_cross_entropy", reference)
+# auto tries `chunked` before `triton`: on an H100 (bench/results/other_kernels_h100.json,
+# N=8,192, d=4,096, V=64,512 bf16) the fully fused kernel took 3.4x the reference's time.
+# By estimate the cost is its backward's atomic adds: every (row tile, vocabulary tile) pair
+# adds fp32 tiles into d_hidden and d_weight, ~100 GB of read-modify-writes at that shape.
+# `chunked` runs the reference's own cuBLAS matmuls instead. `triton` keeps the least memory.
+span_cross_entropy = Op("span_cross_entropy", reference,
+                        priority=("cuda", "cpp", "chunked", "triton", "reference"))
 
 
-# ---- chunked: plain torch over blocks of target rows -------------------------------------
-# One block's fp32 logits. 128 MiB (~520 rows at V=64,512) keeps each matmul large and
-# d_weight's per-block read-modify-write (V x d fp32) rare, while the peak stays far below the
-# plain loss's [N, V] (bench/span_loss.py: ~1/15 of it at N=8,192).
+# ---- chunked: blocks of target rows -------------------------------------------------------
+# Each block: logits = h @ W.T by the BLAS (cuBLAS / MKL), a row pass that turns them into
+# per-row losses and, in place, d_logits, then d_hidden = dz @ W and d_weight += dz.T @ h.
+# The row pass is one Triton kernel on CUDA (kernels/cross_entropy_rows.py) and torch on CPU.
+#
+# Block sizes. CPU: 128 MiB of fp32 logits (~520 rows at V=64,512) keeps the peak far below
+# the plain loss's [N, V] (bench/span_loss.py: ~1/15 of it at N=8,192). CUDA: 1 GiB of logits
+# in the input dtype (~8,300 bf16 rows at V=64,512), so the usual span batch is one or two
+# blocks: cuBLAS wants thousands of rows to reach its peak, and every block after the first
+# costs d_weight a read-modify-write of V x d in fp32 (a whole block's matmul time if blocks
+# were CPU-sized). With a single block d_weight is one matmul, rounded once, as the reference.
 CHUNK_BYTES = 128 * 2**20
+CUDA_CHUNK_BYTES = 2**30
+# "torch" or "triton": the CPU row pass. Tests set "triton" to run the CUDA row kernel under
+# TRITON_INTERPRET=1; on CUDA the Triton row pass is the only one.
+CPU_ROW_PASS = "torch"
 
 
-def _chunk_logits(h, weight, softcap):
-    logits = (h @ weight.t()).float()  # same rounding as the reference: matmul in input dtype
-    if softcap is not None:
-        logits.div_(softcap).tanh_().mul_(softcap)
-    return logits
+def _chunk_rows(V: int, h: torch.Tensor) -> int:
+    if h.device.type == "cuda":
+        return max(16, CUDA_CHUNK_BYTES // (h.element_size() * V))
+    return max(16, CHUNK_BYTES // (4 * V))
 
 
 def _cap_grad(logits, softcap):
@@ -111,50 +131,87 @@ def _chunk_dlogits(exps, norm, targets, lse, g, z_loss, label_smoothing, cap_gra
     return d
 
 
-def _chunk_grads(dz, h, weight, d_hidden, d_weight):
-    """d_hidden rows for this chunk (written in place) and d_weight += dz^T h in fp32."""
-    if weight.dtype == torch.float32:
-        torch.mm(dz, weight, out=d_hidden)
-        d_weight.addmm_(dz.t(), h)
-    else:  # 16-bit: matmuls in the input dtype like the reference, but sum chunks in fp32
+def _torch_rows(z, targets, g, z_loss, label_smoothing, softcap):
+    """The row pass in torch, with kernels/cross_entropy_rows.py's contract: (loss, lse) per
+    row and, when g is given, d_logits (here fp32, in z's storage when z is fp32)."""
+    logits = z.float()  # same rounding as the reference: the matmul's output, then fp32
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    cap_grad = _cap_grad(logits, softcap) if g is not None else None
+    loss, lse, exps, norm = _chunk_loss(logits, targets, z_loss, label_smoothing)
+    if g is None:
+        return loss, lse, None
+    return loss, lse, _chunk_dlogits(exps, norm, targets, lse, g, z_loss, label_smoothing,
+                                     cap_grad)
+
+
+def _triton_rows(z, targets, g, z_loss, label_smoothing, softcap):
+    loss, lse = _rows_kernel.cross_entropy_rows(z, targets, g, z_loss, label_smoothing, softcap)
+    return loss, lse, z if g is not None else None
+
+
+def _row_pass(device: torch.device):
+    if device.type == "cuda" or CPU_ROW_PASS == "triton":
+        return _triton_rows  # the chunked backend's supports() checked that it loaded
+    return _torch_rows
+
+
+def _sweep(h, weight, targets, g, z_loss, label_smoothing, softcap):
+    """Every block of rows: per-row (loss, lse) and, when g (each row's loss weight) is given,
+    (d_hidden, d_weight) in the input dtypes."""
+    n, V = h.shape[0], weight.shape[0]
+    step = _chunk_rows(V, h)
+    row_pass = _row_pass(h.device)
+    losses = h.new_empty(n, dtype=torch.float32)
+    lses = torch.empty_like(losses)
+    d_hidden = torch.empty_like(h) if g is not None else None
+    d_weight = None
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        losses[s:e], lses[s:e], dz = row_pass(h[s:e] @ weight.t(), targets[s:e],
+                                              None if g is None else g[s:e], z_loss,
+                                              label_smoothing, softcap)
+        if g is None:
+            continue
+        # 16-bit matmuls like the reference's backward. fp32 ones are written with out= or in
+        # place, which CPU autocast leaves in fp32 (as this path always computed them there).
         dz = dz.to(weight.dtype)
-        d_hidden.copy_(dz @ weight)
-        d_weight.add_(dz.t() @ h)
+        torch.mm(dz, weight, out=d_hidden[s:e])
+        if weight.dtype == torch.float32:
+            if d_weight is None:
+                d_weight = torch.mm(dz.t(), h[s:e], out=torch.empty_like(weight))
+            else:
+                d_weight.addmm_(dz.t(), h[s:e])
+        elif d_weight is None:
+            d_weight = dz.t() @ h[s:e]
+        else:  # blocks after the first: sum the 16-bit products in fp32
+            d_weight = d_weight.float() if d_weight.dtype != torch.float32 else d_weight
+            d_weight.add_(dz.t() @ h[s:e])
+    if g is not None and d_weight is None:  # no rows
+        d_weight = torch.zeros_like(weight)
+    grads = None if g is None else (d_hidden, d_weight.to(weight.dtype))
+    return losses, lses, grads
 
 
 class _ChunkedSpanCE(torch.autograd.Function):
-    """CE over compacted rows, chunk by chunk; no [n, V] tensor is ever saved.
+    """CE over compacted rows, block by block; no [n, V] tensor is ever saved.
 
-    With a scalar reduction and gradients wanted, the forward pass already has each chunk's
+    With a scalar reduction and gradients wanted, the forward pass already has each block's
     logits in hand, so it forms the gradients then (3 matmuls, as the plain loss; recomputing
     in backward would cost a 4th) and backward only scales them by the incoming scalar. For
     reduction="none" (per-row incoming gradient), or a second backward through the same
-    graph, backward recomputes each chunk's logits instead."""
+    graph, backward recomputes each block's logits instead."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, reduction, z_loss, label_smoothing, softcap, eager):
-        n, V = h.shape[0], weight.shape[0]
-        step = max(16, CHUNK_BYTES // (4 * V))
-        losses = h.new_empty(n, dtype=torch.float32)
-        lses = torch.empty_like(losses)
-        grads = None
+        n = h.shape[0]
+        g = None
         if eager:
-            grads = (torch.empty_like(h),
-                     torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
-            g = h.new_full((step,), 1.0 / max(n, 1) if reduction == "mean" else 1.0,
+            g = h.new_full((n,), 1.0 / max(n, 1) if reduction == "mean" else 1.0,
                            dtype=torch.float32)
-        for s in range(0, n, step):
-            e = min(s + step, n)
-            logits = _chunk_logits(h[s:e], weight, softcap)
-            cap_grad = _cap_grad(logits, softcap) if eager else None
-            losses[s:e], lses[s:e], exps, norm = _chunk_loss(logits, targets[s:e], z_loss,
-                                                             label_smoothing)
-            if eager:
-                dz = _chunk_dlogits(exps, norm, targets[s:e], lses[s:e], g[:e - s], z_loss,
-                                    label_smoothing, cap_grad)
-                _chunk_grads(dz, h[s:e], weight, grads[0][s:e], grads[1])
-        ctx.save_for_backward(h, weight, targets, lses)
-        ctx.options = (reduction, z_loss, label_smoothing, softcap, step)
+        losses, _, grads = _sweep(h, weight, targets, g, z_loss, label_smoothing, softcap)
+        ctx.save_for_backward(h, weight, targets)
+        ctx.options = (reduction, z_loss, label_smoothing, softcap)
         ctx.grads = grads
         if reduction == "mean":
             return losses.sum() / max(n, 1)
@@ -162,42 +219,57 @@ class _ChunkedSpanCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, targets, lses = ctx.saved_tensors
-        reduction, z_loss, label_smoothing, softcap, step = ctx.options
+        h, weight, targets = ctx.saved_tensors
+        reduction, z_loss, label_smoothing, softcap = ctx.options
         if ctx.grads is not None:
             d_hidden, d_weight = ctx.grads
             ctx.grads = None  # scaled in place below; a second backward recomputes
-            return (d_hidden.mul_(grad).to(h.dtype), d_weight.mul_(grad).to(weight.dtype),
-                    None, None, None, None, None, None)
+            return d_hidden.mul_(grad), d_weight.mul_(grad), None, None, None, None, None, None
         n = h.shape[0]
         if reduction == "none":
             g = grad.float()
         else:
             g = (grad.float() / max(n, 1) if reduction == "mean" else grad.float()).expand(n)
-        d_hidden = torch.empty_like(h)
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for s in range(0, n, step):
-            e = min(s + step, n)
-            logits = _chunk_logits(h[s:e], weight, softcap)
-            cap_grad = _cap_grad(logits, softcap)
-            probs = logits.sub_(lses[s:e, None]).exp_()  # already normalised: norm = 1
-            dz = _chunk_dlogits(probs, torch.ones_like(g[s:e]), targets[s:e], lses[s:e],
-                                g[s:e], z_loss, label_smoothing, cap_grad)
-            _chunk_grads(dz, h[s:e], weight, d_hidden[s:e], d_weight)
-        return d_hidden, d_weight.to(weight.dtype), None, None, None, None, None, None
+        _, _, (d_hidden, d_weight) = _sweep(h, weight, targets, g, z_loss, label_smoothing,
+                                            softcap)
+        return d_hidden, d_weight, None, None, None, None, None, None
+
+
+def _check_targets(targets: torch.Tensor, V: int) -> None:
+    # F.cross_entropy's own check; the Triton row pass would read out of bounds instead
+    if targets.numel() and bool(((targets < 0) | (targets >= V)).any()):
+        bad = targets[(targets < 0) | (targets >= V)][0].item()
+        raise IndexError(f"target {bad} is out of range for {V} classes "
+                         "(and is not ignore_index)")
+
+
+def cuda_autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor):
+    """Under CUDA autocast, fp32 hidden / weight (master weights) cast to the autocast dtype,
+    as autocast casts the reference's matmul: a custom Function or op is not cast for it, and
+    fp32 matmuls there would run at a fraction of the 16-bit rate. Autograd carries the
+    gradients back through the cast. (CPU autocast is left as this path has always run it:
+    the logits matmul in bf16, the gradient matmuls in fp32.)"""
+    if (hidden.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+            and hidden.dtype == weight.dtype == torch.float32):
+        dtype = torch.get_autocast_dtype("cuda")
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden, weight
 
 
 def chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0,
             label_smoothing: float = 0.0, softcap: float | None = None) -> torch.Tensor:
-    """The reference's result with peak memory O(chunk x V) instead of O(n x V)."""
+    """The reference's result with peak memory O(block x V) instead of O(n x V)."""
     check_args(hidden, weight, targets, reduction)
+    hidden, weight = cuda_autocast_inputs(hidden, weight)
     rows = (targets != ignore_index).nonzero().squeeze(1)
     h = hidden.index_select(0, rows)
+    picked = targets.index_select(0, rows)
+    _check_targets(picked, weight.shape[0])
     eager = (reduction != "none" and torch.is_grad_enabled()
              and (hidden.requires_grad or weight.requires_grad))
-    loss = _ChunkedSpanCE.apply(h, weight, targets.index_select(0, rows), reduction,
-                                float(z_loss), float(label_smoothing), softcap, eager)
+    loss = _ChunkedSpanCE.apply(h, weight, picked, reduction, float(z_loss),
+                                float(label_smoothing), softcap, eager)
     if reduction != "none":
         return loss
     return loss.new_zeros(hidden.shape[0]).index_put((rows,), loss)
@@ -209,7 +281,13 @@ def _same_dtype(hidden, weight, *_args, **_kwargs) -> str | None:
     return None
 
 
-span_cross_entropy.register("chunked", chunked, _same_dtype)
+def _chunked_supports(hidden, weight, *args, **kwargs) -> str | None:
+    if hidden.device.type == "cuda":
+        if _rows_kernel is None:
+            return f"its CUDA row pass needs Triton ({_ROWS_IMPORT_ERROR})"
+        if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"its CUDA row pass takes fp32/fp16/bf16; got {hidden.dtype}"
+    return _same_dtype(hidden, weight, *args, **kwargs)
 
 
 def _triton_supports(hidden, weight, *_args, **_kwargs) -> str | None:
@@ -223,9 +301,18 @@ def _triton_supports(hidden, weight, *_args, **_kwargs) -> str | None:
     return _same_dtype(hidden, weight)
 
 
+span_cross_entropy.register("chunked", chunked, _chunked_supports)
+
 try:
+    from kernels import cross_entropy_rows as _rows_kernel
     from kernels import span_cross_entropy as _triton_kernel
 except ImportError as exc:  # triton is not installed
-    span_cross_entropy.mark_unavailable("triton", f"cannot import kernels.span_cross_entropy: {exc}")
+    _rows_kernel = None
+    _ROWS_IMPORT_ERROR = f"cannot import the kernels: {exc}"
+    span_cross_entropy.mark_unavailable("triton", _ROWS_IMPORT_ERROR)
 else:
-    span_cross_entropy.register("triton", _triton_kernel.span_cross_entropy, _triton_supports)
+    def _triton(hidden, weight, *args, **kwargs):
+        return _triton_kernel.span_cross_entropy(*cuda_autocast_inputs(hidden, weight), *args,
+                                                 **kwargs)
+
+    span_cross_entropy.register("triton", _triton, _triton_supports)

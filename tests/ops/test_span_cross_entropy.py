@@ -17,7 +17,22 @@ from engine.ops.dispatch import BackendError
 IGNORE = -100
 needs_triton = pytest.mark.skipif("triton" not in span_cross_entropy.backends,
                                   reason="the triton backend did not load (triton missing)")
-CPU_BACKENDS = ["reference", "chunked"]
+# "chunked:triton-rows" is `chunked` with its CUDA row pass (kernels/cross_entropy_rows.py)
+# run under the interpreter instead of the torch one
+TRITON_ROWS = "chunked:triton-rows"
+CPU_BACKENDS = ["reference", "chunked",
+                pytest.param(TRITON_ROWS, marks=needs_triton)]
+SPAN_CE = importlib.import_module("engine.ops.span_cross_entropy")
+
+
+def use(backend, monkeypatch):
+    """The backend name to pass, after switching chunked's CPU row pass for TRITON_ROWS."""
+    if backend != TRITON_ROWS:
+        return backend
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine chunked's Triton row pass has its own cuda tests")
+    monkeypatch.setattr(SPAN_CE, "CPU_ROW_PASS", "triton")
+    return "chunked"
 
 
 def oracle(hidden, weight, targets, reduction="mean", z_loss=0.0, label_smoothing=0.0,
@@ -79,32 +94,33 @@ OPTIONS = [
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
 @pytest.mark.parametrize("V", [7, 1000])
-def test_cpu_backends(backend, reduction, opts, V):
+def test_cpu_backends(backend, reduction, opts, V, monkeypatch):
     hidden, weight, targets = make(83, 32, V)
-    check(backend, hidden, weight, targets, 2e-5, reduction=reduction, **opts)
+    check(use(backend, monkeypatch), hidden, weight, targets, 2e-5, reduction=reduction, **opts)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_full_vocab_and_chunking(backend, monkeypatch):
     # 64,512 columns with a tiny chunk so the chunked path crosses several blocks.
-    module = importlib.import_module("engine.ops.span_cross_entropy")
-    monkeypatch.setattr(module, "CHUNK_BYTES", 16 * 4 * 64_512)
+    backend = use(backend, monkeypatch)
+    monkeypatch.setattr(SPAN_CE, "CHUNK_BYTES", 16 * 4 * 64_512)
     hidden, weight, targets = make(61, 16, 64_512, ignored=0.3)
     check(backend, hidden, weight, targets, 2e-5, reduction="mean", label_smoothing=0.1)
     check(backend, hidden, weight, targets, 2e-5, reduction="none", z_loss=1e-3)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_non_contiguous_hidden(backend):
+def test_non_contiguous_hidden(backend, monkeypatch):
     hidden, weight, targets = make(40, 24, 300, contiguous=False)
     assert not hidden.is_contiguous()
-    check(backend, hidden, weight, targets, 2e-5, reduction="mean", softcap=3.0)
+    check(use(backend, monkeypatch), hidden, weight, targets, 2e-5, reduction="mean", softcap=3.0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("ignored", [0.97, 1.0])
-def test_mostly_or_all_ignored(backend, reduction, ignored):
+def test_mostly_or_all_ignored(backend, reduction, ignored, monkeypatch):
+    backend = use(backend, monkeypatch)
     hidden, weight, targets = make(50, 16, 100, ignored=ignored)
     if ignored == 1.0:
         assert (targets == IGNORE).all()
@@ -117,15 +133,38 @@ def test_mostly_or_all_ignored(backend, reduction, ignored):
         check(backend, hidden, weight, targets, 2e-5, reduction=reduction, z_loss=1e-3)
 
 
-def test_chunked_second_backward_recomputes():
+@pytest.mark.parametrize("backend", ["chunked", pytest.param(TRITON_ROWS, marks=needs_triton)])
+def test_chunked_second_backward_recomputes(backend, monkeypatch):
     # The eager-gradient buffers are consumed by the first backward; a retained graph must
     # still give the same gradients the second time.
     hidden, weight, targets = make(30, 16, 50)
-    loss = span_cross_entropy(hidden, weight, targets, backend="chunked", softcap=3.0)
+    loss = span_cross_entropy(hidden, weight, targets, backend=use(backend, monkeypatch),
+                              softcap=3.0)
     first = torch.autograd.grad(loss, [hidden, weight], retain_graph=True)
     second = torch.autograd.grad(loss, [hidden, weight])
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["chunked", pytest.param(TRITON_ROWS, marks=needs_triton)])
+@pytest.mark.parametrize("chunk_rows", [16, 1024])
+def test_chunked_half_precision(backend, chunk_rows, monkeypatch):
+    # fp16 logits and d_logits, 16-bit matmuls: one block (d_weight straight from one matmul)
+    # and four (d_weight summed in fp32 across blocks) must both stay at fp16's error.
+    backend = use(backend, monkeypatch)
+    monkeypatch.setattr(SPAN_CE, "CHUNK_BYTES", chunk_rows * 4 * 300)
+    hidden, weight, targets = make(130, 32, 300, dtype=torch.float16)
+    check(backend, hidden, weight, targets, 3e-3, reduction="mean", z_loss=1e-3)
+    check(backend, hidden, weight, targets, 3e-3, reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_of_range_target_is_an_error(backend, monkeypatch):
+    backend = use(backend, monkeypatch)
+    hidden, weight, targets = make(10, 8, 20)
+    targets[3] = 20
+    with pytest.raises(IndexError, match="out of (range|bounds)"):
+        span_cross_entropy(hidden, weight, targets, backend=backend)
 
 
 def test_auto_picks_chunked_on_cpu():
@@ -227,8 +266,39 @@ def test_triton_cuda(dtype, case):
 
 
 @pytest.mark.cuda
-def test_triton_cuda_large_d_non_contiguous():
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+def test_cuda_large_d_non_contiguous(backend):
     hidden, weight, targets = make(300, 2048, 5000, dtype=torch.bfloat16, device="cuda",
                                    contiguous=False)
-    check("triton", hidden, weight, targets, 2e-2, z_loss=1e-4, softcap=30.0)
-    assert span_cross_entropy.select(hidden, weight, targets).name == "triton"
+    check(backend, hidden, weight, targets, 2e-2, z_loss=1e-4, softcap=30.0)
+    assert span_cross_entropy.select(hidden, weight, targets).name == "chunked"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=_ids)
+def test_chunked_cuda(dtype, case, monkeypatch):
+    n, d, V, opts = case
+    hidden, weight, targets = make(n, d, V, dtype=dtype, device="cuda")
+    check("chunked", hidden, weight, targets, TRITON_TOL[dtype], **opts)
+    if dtype == torch.bfloat16:  # 16-row blocks: d_weight summed across blocks in fp32
+        monkeypatch.setattr(SPAN_CE, "CUDA_CHUNK_BYTES", 16 * V * dtype.itemsize)
+        check("chunked", hidden, weight, targets, TRITON_TOL[dtype], **opts)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_cuda_autocast_runs_16_bit_like_the_reference(backend, monkeypatch):
+    # fp32 master weights under bf16 autocast, as engine.trainer trains on a GPU: the fast paths
+    # cast to bf16 as autocast casts the reference's matmul, and hand back fp32 gradients.
+    seen = []
+    sweep = SPAN_CE._sweep
+    monkeypatch.setattr(SPAN_CE, "_sweep", lambda h, w, *a: seen.append(w.dtype) or sweep(h, w, *a))
+    hidden, weight, targets = make(300, 256, 5000, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        check(backend, hidden, weight, targets, 2e-2, z_loss=1e-4)
+        loss = span_cross_entropy(hidden, weight, targets, backend=backend)
+        want = span_cross_entropy(hidden, weight, targets, backend="reference")
+    torch.testing.assert_close(loss, want, rtol=1e-3, atol=0)
+    if backend == "chunked":
+        assert seen and set(seen) == {torch.bfloat16}, seen

@@ -1,4 +1,4 @@
-"""The CFG-sampling, span-loss and paged-decode Triton kernels compile for Hopper (sm_90)
+"""The CFG-sampling, span-loss (fused and row pass) and paged-decode Triton kernels compile for Hopper (sm_90)
 without a GPU.
 
 The interpreter that runs these kernels' CPU tests executes their Python, not Triton's
@@ -71,12 +71,15 @@ def patch(module, *names):
 
 
 import kernels.cfg_sample as cs
+import kernels.cross_entropy_rows as crr
 import kernels.paged_attention as pa
 import kernels.span_cross_entropy as sce
 patch(cs, "_cfg_sample_kernel")
 patch(sce, "_fwd_kernel", "_bwd_kernel")
+patch(crr, "_rows_kernel")
 patch(pa, "_decode_kernel", "_write_kv_kernel")
 sce._blocks = sce._gpu_blocks
+crr._launch_shape = crr._gpu_launch_shape
 
 # CFG sampling: unguided and guided (2B rows), contrastive top-K on and off, a small and the
 # full vocabulary (the block table's ends), bf16 and fp32 logits.
@@ -97,6 +100,16 @@ for d, dtype in ((4096, torch.bfloat16), (64, torch.float32)):
         t = torch.zeros(n, dtype=torch.int64)
         _, lse = sce._forward(h, w, t, -100, "mean", 1e-4, 0.1, softcap)
         sce._backward(torch.ones(()), h, w, t, lse, -100, "mean", 1e-4, 0.1, softcap, 0.0)
+
+# The chunked span loss's row pass: the benchmark's bf16 rows with the gradient (smoothing,
+# then softcap), a loss-only fp32 row, an fp16 row shorter than one block.
+for V, dtype, opts, grad in ((64512, torch.bfloat16, dict(label_smoothing=0.1), True),
+                             (64512, torch.bfloat16, dict(softcap=30.0, z_loss=1e-4), True),
+                             (1000, torch.float32, {}, False),
+                             (300, torch.float16, dict(softcap=5.0), True)):
+    n = 8
+    crr.cross_entropy_rows(torch.zeros(n, V, dtype=dtype), torch.zeros(n, dtype=torch.int64),
+                           torch.ones(n) if grad else None, **opts)
 
 # Paged decode (one split, and several with the merge) and the KV-cache write: bf16,
 # 32 query / 8 KV heads, d=128 (the benchmark's shape) and d=64.
@@ -119,8 +132,8 @@ print(json.dumps(compiled))
 def test_triton_kernels_compile_for_hopper():
     compiled = run_compile_script(SCRIPT, timeout=900)
     kinds = {name for name, _, _ in compiled}
-    assert kinds == {"_cfg_sample_kernel", "_fwd_kernel", "_bwd_kernel", "_decode_kernel",
-                     "_write_kv_kernel"}, kinds
-    assert len(compiled) == 6 + 4 + 4 + 4 + 2
+    assert kinds == {"_cfg_sample_kernel", "_fwd_kernel", "_bwd_kernel", "_rows_kernel",
+                     "_decode_kernel", "_write_kv_kernel"}, kinds
+    assert len(compiled) == 6 + 4 + 4 + 4 + 4 + 2
     for name, consts, smem in compiled:
         assert 0 <= smem <= HOPPER_SMEM_BYTES, (name, consts, smem)
