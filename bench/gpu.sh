@@ -64,8 +64,14 @@ log "launch overhead of the forward (wrapper / op / CUDA graph)"
 timeout 60 python scripts/attention_launch_overhead.py 2>&1 | tee -a "$OUT_DIR/gpu.log"
 
 log "span-loss benchmark (no native build needed; before the slower steps that may be cut)"
-timeout 100 python bench/run.py $QUICK --only span_loss --json "$OUT_DIR/bench_span_loss.json" \
-  2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -12
+PEERS_SITE=/tmp/span_loss_peers  # scripts/peer_wheels.sh's wheels, when carried; kept apart
+if ls bench/peers/*.whl >/dev/null 2>&1; then  # from site-packages, which pip is building into
+  python -m pip install -q --no-deps --no-index --target "$PEERS_SITE" bench/peers/*.whl 2>&1 \
+    | tail -2 | tee -a "$OUT_DIR/gpu.log"
+fi
+PYTHONPATH="$PEERS_SITE${PYTHONPATH:+:$PYTHONPATH}" timeout 120 python bench/run.py $QUICK \
+  --only span_loss --json "$OUT_DIR/bench_span_loss.json" 2>&1 | tee -a "$OUT_DIR/gpu.log" \
+  | tail -16
 
 log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/gpu.log"
 python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"

@@ -8,8 +8,9 @@ peak memory includes the gradients themselves (d_weight alone is V x d).
   chunked    auto's pick: compaction, blocks of rows, O(block x V) memory; the BLAS's
              matmuls with a row pass between them (CUDA: kernels/cross_entropy_rows.py)
   triton     kernels/span_cross_entropy.py (CUDA): logits never leave registers
-  liger / cce  LigerFusedLinearCrossEntropyLoss / cut_cross_entropy.linear_cross_entropy,
-             when importable (skipped otherwise)
+  liger / cce  LigerFusedLinearCrossEntropyLoss / cut_cross_entropy.linear_cross_entropy
+             (its default gradient filter; cce-exact without it), when importable (skipped
+             otherwise; scripts/peer_wheels.sh fetches them for the GPU machine)
 CPU: N=8,192, d=1,024, V=64,512 fp32 (quick: N=1,024). CUDA: N=8,192 and 32,768, d=4,096,
 V=64,512 bf16. `x ref` is the reference's time over the row's; extras give time and peak
 memory relative to the plain loss and, on CUDA, TFLOP/s of the useful work
@@ -59,8 +60,12 @@ def _peers() -> dict[str, Callable]:
         print(f"span_loss: skipping liger ({exc})")
     try:
         from cut_cross_entropy import linear_cross_entropy
+        # CCE filters small gradients by default (approximate); cce-exact turns that off,
+        # which is what our fused kernel computes unless asked
         peers["cce"] = lambda hidden, weight, targets: linear_cross_entropy(
             hidden, weight, targets, ignore_index=IGNORE)
+        peers["cce-exact"] = lambda hidden, weight, targets: linear_cross_entropy(
+            hidden, weight, targets, ignore_index=IGNORE, filter_eps=None)
     except ImportError as exc:
         print(f"span_loss: skipping cce ({exc})")
     return peers
