@@ -15,7 +15,8 @@
 #      (bench/attention_targets.py), and how much of the forward's time is Python
 #      (scripts/attention_launch_overhead.py);
 #   6. the span-loss benchmark (auto's `chunked` against the reference and the fused kernel);
-#   7. the remaining `cuda` tests (native build), then the other GPU benchmarks.
+#   7. the remaining `cuda` tests (native build; among them the generation engine and a short
+#      tiny training run on the GPU against the references), then the other GPU benchmarks.
 #   bash bench/gpu.sh [OUT_DIR] [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,7 +78,7 @@ log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a 
 python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"
 
 log "other cuda tests"
-ENGINE_REQUIRE_NATIVE=1 timeout 150 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider \
+ENGINE_REQUIRE_NATIVE=1 timeout 200 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider \
   -rfE $(for t in $ATTN_TESTS; do echo "--ignore=$t"; done) >"$OUT_DIR/cuda_tests.txt" 2>&1
 tail -15 "$OUT_DIR/cuda_tests.txt" | tee -a "$OUT_DIR/gpu.log"
 
