@@ -15,6 +15,9 @@ prompt accuracy.
 
 --sft-from RUN instruction-tunes RUN's model (text -> image, captioning, question answering,
 editing; loss on the outputs only) into a run directory of its own (engine/instruction_tuning.py).
+
+Ctrl-C (or SIGTERM) during model training stops at the end of the step with a checkpoint;
+--resume continues from there. A second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CheckpointError, latest_checkpoint
+from engine.stop_request import TrainingStopped
 from engine.config import PRESETS, EngineConfig, get_preset
 from engine.data.corpus import DATASETS
 
@@ -157,6 +161,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(f"{stopped}; continue with: python -m engine.train --out {args.out} --resume",
+              file=sys.stderr)
+        return stopped.exit_code
     return 0
 
 

@@ -3,9 +3,11 @@ weights, checkpoints.
 
 Progress shows loss, tokens/s and the ETA; every `log_every` steps a line goes to
 metrics.jsonl; every `checkpoint_every` steps (and at the end) a checkpoint is written
-atomically. Resuming restores model, optimizer and step; the data stream is reseeded from
-(seed, step) so a resumed run sees fresh documents rather than a replay. With
-`ema_decay` > 0 the model leaves training holding the EMA weights, the ones inference uses.
+atomically. Ctrl-C or SIGTERM stops the loop at the end of its step with a checkpoint there
+(engine/stop_request.py), so `--resume` loses nothing. Resuming restores model, optimizer and
+step; the data stream is reseeded from (seed, step) so a resumed run sees fresh documents
+rather than a replay. With `ema_decay` > 0 the model leaves training holding the EMA weights,
+the ones inference uses.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from engine.config import TrainConfig
 from engine.data.cm3 import images_after_caption_spans
 from engine.data.packing import Packer
 from engine.model import Transformer
+from engine.stop_request import StopRequests, TrainingStopped
 from engine.weight_average import WeightAverage
 
 
@@ -91,39 +94,49 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=not progress, dynamic_ncols=True)
     tokens_seen, t0, loss_acc, n_acc = 0, time.time(), 0.0, 0
+
+    def log_metrics(done, lr, gnorm, rate):
+        nonlocal loss_acc, n_acc
+        rec = {"step": done, "loss": loss_acc / n_acc, "lr": lr, "grad_norm": float(gnorm),
+               "tokens_per_s": rate, "time": time.time()}
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+        loss_acc, n_acc = 0.0, 0
+
     try:
-        for step in bar:
-            batch = packer.next_batch(cfg.batch_size).to(device)
-            lr = lr_at(step, cfg)
-            for g in optim.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                hidden = model(batch.ids, positions=batch.positions, cu_seqlens=batch.cu_seqlens)
-                loss = model.loss(hidden, batch.targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr "
-                                         "or resume from the last checkpoint")
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optim.step()
-            optim.zero_grad(set_to_none=True)
-            if average is not None:
-                average.update()
-            tokens_seen += batch.ids.numel()
-            loss_acc += loss.item()
-            n_acc += 1
-            rate = tokens_seen / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.1e}")
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                rec = {"step": done, "loss": loss_acc / n_acc, "lr": lr, "grad_norm": float(gnorm),
-                       "tokens_per_s": rate, "time": time.time()}
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
-                loss_acc, n_acc = 0.0, 0
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(run_dir, done, model, optim, {"tokens_per_s": rate},
-                                average=average)
+        with StopRequests() as stop:
+            for step in bar:
+                batch = packer.next_batch(cfg.batch_size).to(device)
+                lr = lr_at(step, cfg)
+                for g in optim.param_groups:
+                    g["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    hidden = model(batch.ids, positions=batch.positions,
+                                   cu_seqlens=batch.cu_seqlens)
+                    loss = model.loss(hidden, batch.targets)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr "
+                                             "or resume from the last checkpoint")
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+                if average is not None:
+                    average.update()
+                tokens_seen += batch.ids.numel()
+                loss_acc += loss.item()
+                n_acc += 1
+                rate = tokens_seen / max(time.time() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.1e}")
+                done = step + 1
+                stopping = stop.reason is not None
+                if done % cfg.log_every == 0 or done == cfg.steps or stopping:
+                    log_metrics(done, lr, gnorm, rate)
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                    save_checkpoint(run_dir, done, model, optim, {"tokens_per_s": rate},
+                                    average=average)
+                if stopping and done < cfg.steps:
+                    raise TrainingStopped(done, stop.reason)
         if average is not None:
             average.copy_to(model)
     finally:
