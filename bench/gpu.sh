@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session in one call (about 8 minutes). Writes everything under the folder given
+# One GPU session (about 8-11 minutes; see STEPS below to split it over two calls). Writes everything under the folder given
 # (default $OUT, else bench/out), most important first, so a run cut short still returns
 # what it finished:
 #   1. install (no deps: the GPU machine's torch/triton are used) and build engine._C with the
@@ -16,8 +16,9 @@
 #      (scripts/attention_launch_overhead.py);
 #   6. the span-loss benchmark (auto's `chunked` against the reference and the fused kernel);
 #   7. the remaining `cuda` tests (native build; among them the generation engine and a short
-#      tiny training run on the GPU against the references), then the other GPU benchmarks.
-#   bash bench/gpu.sh [OUT_DIR] [--quick]
+#      tiny training run on the GPU against the references), then the other GPU benchmarks;
+#   8. the span loss against Liger-Kernel and Cut Cross-Entropy, when their wheels were carried.
+#   bash bench/gpu.sh [OUT_DIR] [--quick]          STEPS=other,peers bash bench/gpu.sh OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/out}}
@@ -25,16 +26,25 @@ QUICK=${2:-}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 ENGINE_BUILD_CUDA=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT_DIR/gpu.log"; }
+# STEPS picks parts (default all): attention (2-5), span_loss (6), other (7), peers (8), so a
+# second call can finish what a first one cut short at the call's time limit.
+STEPS=${STEPS:-attention,span_loss,other,peers}
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 log "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT_DIR/gpu.log"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT_DIR/gpu.log"
 
-log "install + CUDA build (background, build.log)"
-( timeout 300 python -m pip install -v --no-deps --no-build-isolation -e . >"$OUT_DIR/build.log" 2>&1
-  echo "pip exit $?" >>"$OUT_DIR/build.log" ) &
-BUILD=$!
+if want other; then
+  log "install + CUDA build (background, build.log)"
+  ( timeout 300 python -m pip install -v --no-deps --no-build-isolation -e . >"$OUT_DIR/build.log" 2>&1
+    echo "pip exit $?" >>"$OUT_DIR/build.log" ) &
+  BUILD=$!
+fi
+ATTN_TESTS="tests/ops/test_flash_attention.py tests/ops/test_flash_attention_variants.py
+  tests/ops/test_flash_attention_model.py tests/ops/test_flash_attention_order.py"
 
+if want attention; then
 log "tune flash-attention tiles"
 TUNE_KEYS=${TUNE_KEYS-fwd:128:causal,fwd:128:full,fwd:64:causal,fwd:64:full}
 timeout 200 python scripts/tune_flash_attention.py --out "$OUT_DIR/flash_blocks.json" \
@@ -50,8 +60,6 @@ BEST_BUDGET=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['b
 if [ -n "$BEST_BUDGET" ]; then export ENGINE_FLASH_L2_BUDGET_MIB="$BEST_BUDGET"; fi
 log "L2 budget for the rest: ${ENGINE_FLASH_L2_BUDGET_MIB:-default} MiB"
 
-ATTN_TESTS="tests/ops/test_flash_attention.py tests/ops/test_flash_attention_variants.py
-  tests/ops/test_flash_attention_model.py tests/ops/test_flash_attention_order.py"
 log "flash-attention cuda tests (tiles: ${ENGINE_FLASH_BLOCKS:-table})"
 timeout 150 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider -rfE $ATTN_TESTS \
   >"$OUT_DIR/cuda_tests_attention.txt" 2>&1
@@ -63,17 +71,15 @@ timeout 200 python bench/run.py $QUICK --only attention --json "$OUT_DIR/bench_a
 python bench/attention_targets.py "$OUT_DIR/bench_attention.json" 2>&1 | tee -a "$OUT_DIR/gpu.log"
 log "launch overhead of the forward (wrapper / op / CUDA graph)"
 timeout 60 python scripts/attention_launch_overhead.py 2>&1 | tee -a "$OUT_DIR/gpu.log"
-
-log "span-loss benchmark (no native build needed; before the slower steps that may be cut)"
-PEERS_SITE=/tmp/span_loss_peers  # scripts/peer_wheels.sh's wheels, when carried; kept apart
-if ls bench/peers/*.whl >/dev/null 2>&1; then  # from site-packages, which pip is building into
-  python -m pip install -q --no-deps --no-index --target "$PEERS_SITE" bench/peers/*.whl 2>&1 \
-    | tail -2 | tee -a "$OUT_DIR/gpu.log"
 fi
-PYTHONPATH="$PEERS_SITE${PYTHONPATH:+:$PYTHONPATH}" timeout 120 python bench/run.py $QUICK \
-  --only span_loss --json "$OUT_DIR/bench_span_loss.json" 2>&1 | tee -a "$OUT_DIR/gpu.log" \
-  | tail -16
 
+if want span_loss; then
+log "span-loss benchmark (no native build needed; before the slower steps that may be cut)"
+timeout 100 python bench/run.py $QUICK --only span_loss --json "$OUT_DIR/bench_span_loss.json" \
+  2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -12
+fi
+
+if want other; then
 log "waiting for the build"; wait $BUILD; tail -3 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/gpu.log"
 python -c "import engine._native as n; print('engine._C', n.AVAILABLE, n.LOAD_ERROR)" | tee -a "$OUT_DIR/gpu.log"
 
@@ -85,4 +91,18 @@ tail -15 "$OUT_DIR/cuda_tests.txt" | tee -a "$OUT_DIR/gpu.log"
 log "other GPU benchmarks"
 timeout 120 python bench/run.py $QUICK --only sampling,paged_attention,generation \
   --json "$OUT_DIR/bench_other.json" 2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -40
+fi
+
+# Last, as the least needed: the span loss again with Liger-Kernel and Cut Cross-Entropy
+# (CCE autotunes its kernels on first use), from scripts/peer_wheels.sh's wheels when carried,
+# installed into a folder of their own rather than into site-packages.
+PEERS_SITE=/tmp/span_loss_peers
+if want peers && ls bench/peers/*.whl >/dev/null 2>&1; then
+  log "span-loss benchmark with the peers"
+  python -m pip install -q --no-deps --no-index --target "$PEERS_SITE" bench/peers/*.whl 2>&1 \
+    | tail -2 | tee -a "$OUT_DIR/gpu.log"
+  PYTHONPATH="$PEERS_SITE${PYTHONPATH:+:$PYTHONPATH}" timeout 180 python bench/run.py $QUICK \
+    --only span_loss --json "$OUT_DIR/bench_span_loss_peers.json" 2>&1 \
+    | tee -a "$OUT_DIR/gpu.log" | tail -16
+fi
 log "done"
