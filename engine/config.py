@@ -106,6 +106,9 @@ class TrainConfig:
     seed: int = 0
     autocast_bf16: bool = True       # used only where the CPU/GPU supports bf16 well
     ema_decay: float = 0.0           # > 0: keep an EMA of the weights; inference uses it
+    # Keep only each block's input and recompute the block in backward (one more forward):
+    # activation memory of one block instead of all of them (bench/training_memory.py).
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         if self.span_segments not in SPAN_SEGMENTS:
@@ -304,13 +307,15 @@ def _small() -> EngineConfig:
     return cfg
 
 
-def _paper(name: str, n_layers: int, d_model: int, n_heads: int) -> EngineConfig:
+def _paper(name: str, n_layers: int, d_model: int, n_heads: int,
+           activation_checkpointing: bool = False) -> EngineConfig:
     return EngineConfig(
         preset=name,
         vocab=VocabConfig(),
         image=ImageConfig(image_size=256, downsample=16),
         model=ModelConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, max_seq_len=4_096),
-        train=TrainConfig(lr=1e-4, warmup_steps=1_500, batch_size=8),
+        train=TrainConfig(lr=1e-4, warmup_steps=1_500, batch_size=8,
+                          activation_checkpointing=activation_checkpointing),
     )
 
 
@@ -319,7 +324,11 @@ PRESETS = {
     "small": _small,
     "cm3leon-350m": lambda: _paper("cm3leon-350m", 24, 1024, 16),
     "cm3leon-760m": lambda: _paper("cm3leon-760m", 24, 1536, 24),
-    "cm3leon-7b": lambda: _paper("cm3leon-7b", 32, 4096, 32),
+    # 8 x 4,096 tokens through 32 blocks of d=4,096 keep ~150 GB of activations (~34 bytes a
+    # token per unit of width and layer, flash attention's count); keeping only the blocks'
+    # fp32 inputs (17 GB) and one block's activations (~5 GB) leaves room beside the weights,
+    # gradients and AdamW state (16 bytes a parameter, ~112 GB) on one 141 GB H200.
+    "cm3leon-7b": lambda: _paper("cm3leon-7b", 32, 4096, 32, activation_checkpointing=True),
 }
 
 

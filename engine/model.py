@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from engine import ops
 from engine.config import ModelConfig
@@ -90,6 +91,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # Training only: keep each block's input, recompute the block in backward
+        # (TrainConfig.activation_checkpointing sets it). No dropout or other randomness runs
+        # in a block, so the recomputation is the same computation.
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -117,8 +122,14 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(positions)
         else:
             rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        recompute = (self.activation_checkpointing and self.training and cache is None
+                     and torch.is_grad_enabled())
         for block in self.blocks:
-            x = block(x, cu_seqlens=cu_seqlens, cache=cache, rope=rope)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, cu_seqlens, None, rope,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, cu_seqlens=cu_seqlens, cache=cache, rope=rope)
         if cache is not None:
             cache.advance(ids.shape[1])
         return self.ln_f(x)

@@ -70,6 +70,7 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
     context_only(doc) -> [start, end) ranges trained as context only (engine.data.packing);
     by default the CM3 rule cfg.image_loss_after_caption_span sets."""
     model.to(device).train()
+    model.activation_checkpointing = cfg.activation_checkpointing
     optim = make_optimizer(model, cfg)
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
