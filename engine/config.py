@@ -80,6 +80,10 @@ SPAN_SEGMENTS = ("uniform", "length")     # TrainConfig.span_segments
 class TrainConfig:
     steps: int = 1_000
     batch_size: int = 16             # packed rows of row_tokens (default max_seq_len) tokens
+    # Rows per forward/backward (0 = the whole batch): gradients of the batch's micro-batches
+    # are summed, each weighted by its share of the batch's targets, so the update is the
+    # whole batch's whatever this is; only memory and time change.
+    micro_batch_size: int = 0
     # Token slots per packed row; 0 = max_seq_len. A longer row holds more documents (each
     # still at most max_seq_len: positions restart per document), so the padding left at a
     # row's end is a smaller share. On tiny, 1 row of 1,840 slots in place of 8 rows of 256
@@ -111,6 +115,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self):
+        if self.micro_batch_size < 0:
+            raise ValueError(f"train.micro_batch_size must be >= 0 (0 = the whole batch); got "
+                             f"{self.micro_batch_size}")
         if self.span_segments not in SPAN_SEGMENTS:
             raise ValueError(f"unknown train.span_segments {self.span_segments!r}; choose one "
                              f"of: {', '.join(SPAN_SEGMENTS)}")

@@ -107,18 +107,11 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
     try:
         with StopRequests() as stop:
             for step in bar:
-                batch = packer.next_batch(cfg.batch_size).to(device)
+                batch = packer.next_batch(cfg.batch_size)
                 lr = lr_at(step, cfg)
                 for g in optim.param_groups:
                     g["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    hidden = model(batch.ids, positions=batch.positions,
-                                   cu_seqlens=batch.cu_seqlens)
-                    loss = model.loss(hidden, batch.targets)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr "
-                                             "or resume from the last checkpoint")
-                loss.backward()
+                loss = _forward_backward(model, batch, cfg, device, use_bf16, step)
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optim.step()
                 optim.zero_grad(set_to_none=True)
@@ -144,6 +137,33 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
         metrics_f.close()
         bar.close()
     return _read_metrics(run_dir)
+
+
+def _forward_backward(model, batch, cfg: TrainConfig, device, use_bf16: bool, step: int):
+    """The batch's loss (mean over its targets), its gradients accumulated into the model's.
+    In micro-batches of cfg.micro_batch_size rows, each micro-batch's mean loss is weighted
+    by its share of the targets, so the sum is the whole batch's mean and its gradient."""
+    micro = cfg.micro_batch_size or cfg.batch_size
+    rows = batch.ids.shape[0]
+    parts = [batch] if micro >= rows else [batch.rows(r, min(r + micro, rows))
+                                           for r in range(0, rows, micro)]
+    total = max(batch.num_targets, 1)
+    loss_sum = None
+    for part in parts:
+        weight = part.num_targets / total if len(parts) > 1 else 1.0
+        part = part.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            hidden = model(part.ids, positions=part.positions, cu_seqlens=part.cu_seqlens)
+            loss = model.loss(hidden, part.targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr "
+                                     "or resume from the last checkpoint")
+        if len(parts) == 1:
+            loss.backward()
+            return loss
+        (loss * weight).backward()
+        loss_sum = loss.detach() * weight + (0.0 if loss_sum is None else loss_sum)
+    return loss_sum
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:

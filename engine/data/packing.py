@@ -34,6 +34,15 @@ class PackedBatch:
     def num_targets(self) -> int:
         return int((self.targets != IGNORE).sum())
 
+    def rows(self, start: int, end: int) -> "PackedBatch":
+        """Rows [start, end) as a batch of their own. No document crosses a row, so the
+        boundaries inside those rows, shifted to the first one, are the part's cu_seqlens."""
+        S = self.ids.shape[1]
+        cu = self.cu_seqlens
+        inside = (cu >= start * S) & (cu <= end * S)
+        return PackedBatch(self.ids[start:end], self.targets[start:end],
+                           self.positions[start:end], cu[inside] - start * S)
+
 
 class Packer:
     """Pulls documents from an iterator and packs them into batches; never splits one."""
