@@ -177,7 +177,7 @@ class VQVAE(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """float [B, 3, H, W] in [0, 1] -> LongTensor [B, grid*grid], raster order."""
         self._check(images)
-        z = self.encoder(images.float() * 2 - 1)
+        z = self.encoder(images.to(self.quantizer.embed.device).float() * 2 - 1)
         b, d, h, w = z.shape
         codes, _ = self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, d))
         return codes.view(b, h * w)
@@ -191,7 +191,8 @@ class VQVAE(nn.Module):
                              f"got {list(codes.shape)}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"codes must lie in [0, {self.codebook_size})")
-        q = self.quantizer.embed[codes.long()].view(codes.shape[0], g, g, -1).permute(0, 3, 1, 2)
+        embed = self.quantizer.embed  # codes may come from another device (the model's)
+        q = embed[codes.to(embed.device).long()].view(codes.shape[0], g, g, -1).permute(0, 3, 1, 2)
         return (self.decoder(q) * 0.5 + 0.5).clamp(0, 1)
 
     def save(self, path: str | Path) -> None:

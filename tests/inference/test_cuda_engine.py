@@ -12,24 +12,27 @@ import copy
 
 import pytest
 import torch
+from PIL import Image
 
 from engine.inference import MASK, SamplingParams
 from tests.inference.conftest import build_engine
 
 pytestmark = pytest.mark.cuda
 
+PICTURE = Image.new("RGB", (16, 16), (200, 30, 30))
 CASES = {
     "image_cfg_n2": (["a red circle", "a blue square on the left"], dict(n=2, cfg_scale=3.0)),
     "text": (["a small green triangle", "make it blue"], dict(modality="text", max_new_tokens=12)),
     "infill": ([["a <mask> circle", MASK]], dict(modality="text", max_new_tokens=24)),
+    "caption": ([[PICTURE]], dict(modality="text", max_new_tokens=12)),
 }
 
 
 def on(engine, device):
+    """The engine with its model on `device`; the VQ-VAE stays where Engine.from_run keeps it
+    (CPU), so image prompts and pictures cross between the two devices as they do there."""
     moved = copy.deepcopy(engine)
     moved.model.to(device)
-    if moved.tok.vq is not None:
-        moved.tok.vq.to(device)
     return moved
 
 
