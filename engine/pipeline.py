@@ -10,6 +10,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.data.corpus import EncodedCorpus, document_stream, encode_corpus, load_dataset
+from engine.distributed import DataParallel
 from engine.run_artifacts import RunDir, build_classifier, build_text_tokenizer, build_vqvae
 from engine.tokenizer.vocab import Vocab
 
@@ -22,17 +23,24 @@ def _stage(name: str):
 
 
 def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume: bool = False,
-                 evaluate: bool = True, progress: bool = True) -> dict:
+                 evaluate: bool = True, progress: bool = True,
+                 dp: DataParallel = DataParallel()) -> dict:
+    """Under data parallelism (engine/distributed.py) rank 0 builds every stage before the
+    model while the other processes wait, then they load what it built; all of them train;
+    rank 0 alone draws the samples and evaluates (the others return {})."""
     from engine.eval.report import write_loss_curve, write_samples_and_eval
     from engine.model import Transformer
     from engine.trainer import train_model
 
     run = RunDir(out)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = dp.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.train.seed)
     vocab = Vocab.from_config(cfg.vocab)
     timings = {}
     started = time.time()
+    progress = progress and dp.main
+    if not dp.main:
+        dp.barrier()  # rank 0 builds the tokenizers, the corpus and the retrieval index first
 
     t = _stage("text tokenizer (BPE)")
     train_set = load_dataset(cfg.data.dataset, "train", cfg.image, cfg.data.train_size, cfg.train.seed)
@@ -63,13 +71,20 @@ def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume
         neighbours = build_retrieval(run.root, cfg, corpus, dev, text, vq, progress=progress)
         timings["retrieval_s"] = time.time() - t
 
-    t = _stage(f"model: {cfg.preset}, {cfg.train.steps} steps on {dev}")
+    if dp.main:
+        dp.barrier()
+
+    where = f"{dp.world} processes ({dev.type})" if dp.active else str(dev)
+    t = _stage(f"model: {cfg.preset}, {cfg.train.steps} steps on {where}")
     model = Transformer(cfg.model, vocab.size)
     log.info("%s parameters", f"{model.num_parameters():,}")
     metrics = train_model(model, lambda seed: document_stream(corpus, vocab, cfg.train, cfg.data, seed,
                                                               neighbours),
-                          vocab, cfg.train, run.root, dev, resume=resume, progress=progress)
+                          vocab, cfg.train, run.root, dev, resume=resume, progress=progress,
+                          dp=dp)
     timings["model_s"] = time.time() - t
+    if not dp.main:
+        return {}
 
     write_loss_curve(metrics, run.root / "loss.png")
     t = _stage("samples and evaluation")

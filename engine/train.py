@@ -18,6 +18,11 @@ editing; loss on the outputs only) into a run directory of its own (engine/instr
 
 Ctrl-C (or SIGTERM) during model training stops at the end of the step with a checkpoint;
 --resume continues from there. A second Ctrl-C stops at once.
+
+  torchrun --nproc_per_node 8 -m engine.train --preset cm3leon-350m --out runs/350m
+
+trains data-parallel, one process per GPU, with the same results as one process on the
+whole batch (engine/distributed.py).
 """
 from __future__ import annotations
 
@@ -30,10 +35,12 @@ from pathlib import Path
 
 import torch
 
+from engine import distributed
 from engine.checkpoint import CheckpointError, latest_checkpoint
-from engine.stop_request import TrainingStopped
 from engine.config import PRESETS, EngineConfig, get_preset
 from engine.data.corpus import DATASETS
+from engine.distributed import DataParallel
+from engine.stop_request import TrainingStopped
 
 log = logging.getLogger("engine.train")
 
@@ -138,7 +145,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.out is None:
         args.out = Path("runs/tiny") if args.sft_from is None else Path(f"{args.sft_from}-sft")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dp = DataParallel() if args.dry_run else distributed.from_env()
+    logging.basicConfig(level=logging.INFO if dp.main else logging.WARNING, format="%(message)s")
     try:
         if args.resume and args.sft_from is not None:
             raise ValueError("--resume continues the run in --out as it was configured: drop "
@@ -147,7 +155,11 @@ def main(argv=None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return 0
-        cfg = prepare_run_dir(args, cfg)
+        if dp.active and cfg.sft.source_run:
+            raise ValueError("instruction tuning runs in one process: start it without torchrun")
+        cfg = _prepare_on_rank_0(args, cfg, dp)
+        if cfg is None:
+            return 2  # rank 0 failed to prepare the run and said why
         from engine.host_memory import keep_freed_memory
         keep_freed_memory()
         kwargs = dict(device=args.device, resume=args.resume, evaluate=not args.no_eval,
@@ -157,15 +169,39 @@ def main(argv=None) -> int:
             run_instruction_tuning(cfg, args.out, **kwargs)
         else:
             from engine.pipeline import run_pipeline
-            run_pipeline(cfg, args.out, **kwargs)
+            run_pipeline(cfg, args.out, dp=dp, **kwargs)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
-        print(f"{stopped}; continue with: python -m engine.train --out {args.out} --resume",
-              file=sys.stderr)
+        if dp.main:
+            how = ("the same torchrun command with --resume" if dp.active else
+                   f"python -m engine.train --out {args.out} --resume")
+            print(f"{stopped}; continue with: {how}", file=sys.stderr)
         return stopped.exit_code
+    finally:
+        distributed.leave(dp)
     return 0
+
+
+def _prepare_on_rank_0(args, cfg: EngineConfig, dp: DataParallel) -> EngineConfig | None:
+    """prepare_run_dir on rank 0 (the only writer); the other processes wait for it and then
+    read the same config. None on every process when rank 0 failed."""
+    if not dp.active:
+        return prepare_run_dir(args, cfg)
+    failure = None
+    if dp.main:
+        try:
+            cfg = prepare_run_dir(args, cfg)
+        except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
+            failure = exc
+    if dp.any(failure is not None, dp.device(args.device)):
+        if failure is not None:
+            raise failure
+        return None
+    if not dp.main and args.resume:
+        cfg = prepare_run_dir(args, cfg)  # read-only when resuming
+    return cfg
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the ones inference uses.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engine.checkpoint import (latest_checkpoint, list_checkpoints, load_average, load_model_weights,
@@ -25,6 +27,7 @@ from engine.checkpoint import (latest_checkpoint, list_checkpoints, load_average
 from engine.config import TrainConfig
 from engine.data.cm3 import images_after_caption_spans
 from engine.data.packing import Packer
+from engine.distributed import DataParallel
 from engine.model import Transformer
 from engine.stop_request import StopRequests, TrainingStopped
 from engine.weight_average import WeightAverage
@@ -63,14 +66,32 @@ def bf16_autocast_ok(device: torch.device) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+class _LossStep(torch.nn.Module):
+    """The model and its loss as one module, so that DDP sees the whole step."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, positions, cu_seqlens, targets):
+        return self.model.loss(self.model(ids, positions=positions, cu_seqlens=cu_seqlens),
+                               targets)
+
+
 def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run_dir: Path,
                 device: torch.device, resume: bool, progress: bool = True,
-                context_only=None) -> list[dict]:
+                context_only=None, dp: DataParallel = DataParallel()) -> list[dict]:
     """stream_factory(seed) -> iterator of token lists. Returns the metrics records.
     context_only(doc) -> [start, end) ranges trained as context only (engine.data.packing);
-    by default the CM3 rule cfg.image_loss_after_caption_span sets."""
+    by default the CM3 rule cfg.image_loss_after_caption_span sets. `dp`: this process's
+    place among data-parallel processes (engine/distributed.py)."""
+    dp.check_batch(cfg.batch_size)
     model.to(device).train()
     model.activation_checkpointing = cfg.activation_checkpointing
+    step_fn = _LossStep(model)
+    if dp.active:
+        step_fn = DistributedDataParallel(
+            step_fn, device_ids=[device.index] if device.type == "cuda" else None)
     optim = make_optimizer(model, cfg)
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
@@ -85,15 +106,16 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
         if average is not None:
             average.copy_to(model)
         return _read_metrics(run_dir)
-    _truncate_metrics(run_dir, start)   # drop lines logged after the checkpoint we resume from
+    if dp.main:
+        _truncate_metrics(run_dir, start)   # drop lines logged after the resumed checkpoint
     if context_only is None and not cfg.image_loss_after_caption_span:
         context_only = functools.partial(images_after_caption_spans, vocab=vocab)
     packer = Packer(stream_factory(cfg.seed * 1_000_003 + start), vocab, model.cfg.max_seq_len,
                     row_len=cfg.row_tokens or None, context_only=context_only)
     use_bf16 = cfg.autocast_bf16 and bf16_autocast_ok(device)
-    metrics_f = open(Path(run_dir) / "metrics.jsonl", "a")
+    metrics_f = open(Path(run_dir) / "metrics.jsonl", "a") if dp.main else None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and dp.main), dynamic_ncols=True)
     tokens_seen, t0, loss_acc, n_acc = 0, time.time(), 0.0, 0
 
     def log_metrics(done, lr, gnorm, rate):
@@ -111,7 +133,7 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
                 lr = lr_at(step, cfg)
                 for g in optim.param_groups:
                     g["lr"] = lr
-                loss = _forward_backward(model, batch, cfg, device, use_bf16, step)
+                loss = _forward_backward(step_fn, batch, cfg, device, use_bf16, step, dp)
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optim.step()
                 optim.zero_grad(set_to_none=True)
@@ -123,47 +145,69 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
                 rate = tokens_seen / max(time.time() - t0, 1e-9)
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.1e}")
                 done = step + 1
-                stopping = stop.reason is not None
-                if done % cfg.log_every == 0 or done == cfg.steps or stopping:
+                stopping = dp.any(stop.reason is not None, device)  # all stop together
+                if dp.main and (done % cfg.log_every == 0 or done == cfg.steps or stopping):
                     log_metrics(done, lr, gnorm, rate)
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                if dp.main and (done % cfg.checkpoint_every == 0 or done == cfg.steps
+                                or stopping):
                     save_checkpoint(run_dir, done, model, optim, {"tokens_per_s": rate},
                                     average=average)
                 if stopping and done < cfg.steps:
-                    raise TrainingStopped(done, stop.reason)
+                    dp.barrier()  # the checkpoint is written before any process leaves
+                    raise TrainingStopped(done, stop.reason or "SIGTERM")
         if average is not None:
             average.copy_to(model)
     finally:
-        metrics_f.close()
+        if metrics_f is not None:
+            metrics_f.close()
         bar.close()
+    dp.barrier()
     return _read_metrics(run_dir)
 
 
-def _forward_backward(model, batch, cfg: TrainConfig, device, use_bf16: bool, step: int):
+def _forward_backward(step_fn, batch, cfg: TrainConfig, device, use_bf16: bool, step: int,
+                      dp: DataParallel = DataParallel()):
     """The batch's loss (mean over its targets), its gradients accumulated into the model's.
-    In micro-batches of cfg.micro_batch_size rows, each micro-batch's mean loss is weighted
-    by its share of the targets, so the sum is the whole batch's mean and its gradient."""
-    micro = cfg.micro_batch_size or cfg.batch_size
+
+    Under data parallelism this process takes its slice of the rows; with
+    cfg.micro_batch_size, the slice runs in parts of that many rows. Each part's mean loss is
+    weighted by its share of the whole batch's targets (times the process count, which DDP's
+    gradient average divides out), so the gradient is the whole batch's mean's, whatever the
+    split. Returns the whole batch's mean loss (summed over processes)."""
+    total = max(batch.num_targets, 1)
+    if dp.active:
+        batch = batch.rows(*dp.rows(batch.ids.shape[0]))
     rows = batch.ids.shape[0]
+    micro = cfg.micro_batch_size or rows
     parts = [batch] if micro >= rows else [batch.rows(r, min(r + micro, rows))
                                            for r in range(0, rows, micro)]
-    total = max(batch.num_targets, 1)
+    single = len(parts) == 1 and not dp.active
     loss_sum = None
-    for part in parts:
-        weight = part.num_targets / total if len(parts) > 1 else 1.0
+    for i, part in enumerate(parts):
+        weight = 1.0 if single else part.num_targets / total * dp.world
         part = part.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            hidden = model(part.ids, positions=part.positions, cu_seqlens=part.cu_seqlens)
-            loss = model.loss(hidden, part.targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr "
-                                     "or resume from the last checkpoint")
-        if len(parts) == 1:
-            loss.backward()
-            return loss
-        (loss * weight).backward()
-        loss_sum = loss.detach() * weight + (0.0 if loss_sum is None else loss_sum)
+        # DDP reduces gradients once per step: on the last part's backward
+        last = i == len(parts) - 1
+        sync = step_fn.no_sync() if dp.active and not last else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = step_fn(part.ids, part.positions, part.cu_seqlens, part.targets)
+            if single:
+                _check_finite(loss, step)
+                loss.backward()
+                return loss
+            (loss * weight).backward()
+        share = loss.detach() * (weight / dp.world)
+        loss_sum = share if loss_sum is None else loss_sum + share
+    loss_sum = dp.sum(loss_sum)
+    _check_finite(loss_sum, step)  # before the optimizer step: no update is applied
     return loss_sum
+
+
+def _check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr "
+                                 "or resume from the last checkpoint")
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:

@@ -11,7 +11,7 @@ from engine.config import TrainConfig, get_preset
 from engine.data.packing import Packer
 from engine.model import Transformer
 from engine.tokenizer.vocab import Vocab
-from engine.trainer import _forward_backward, train_model
+from engine.trainer import _forward_backward, _LossStep, train_model
 
 VOCAB = Vocab.from_config(get_preset("tiny").vocab)
 
@@ -47,8 +47,9 @@ def test_micro_batches_give_the_whole_batchs_loss_and_gradients(micro):
     batch = Packer(_docs(1), VOCAB, 64).next_batch(5)
     want_model, got_model = _model(), _model()
     cfg = dataclasses.replace(TrainConfig(), batch_size=5, micro_batch_size=0)
-    want = _forward_backward(want_model, batch, cfg, torch.device("cpu"), False, 0)
-    got = _forward_backward(got_model, batch, dataclasses.replace(cfg, micro_batch_size=micro),
+    want = _forward_backward(_LossStep(want_model), batch, cfg, torch.device("cpu"), False, 0)
+    got = _forward_backward(_LossStep(got_model), batch,
+                            dataclasses.replace(cfg, micro_batch_size=micro),
                             torch.device("cpu"), False, 0)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for (name, p), q in zip(want_model.named_parameters(), got_model.parameters()):
