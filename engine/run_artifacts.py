@@ -88,8 +88,10 @@ def build_classifier(run: RunDir, cfg: EngineConfig, progress: bool = True):
 def load_for_inference(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(config, model in eval mode, DocumentTokenizer) from a finished or running run; the
     model holds the latest checkpoint's EMA weights where training kept them."""
+    from engine.devices import check_device
     from engine.model import Transformer
     from engine.tokenizer.vqvae import VQVAE
+    check_device(device)
     run = RunDir(run_dir)
     cfg = run.load_config()
     vocab = Vocab.from_config(cfg.vocab)

@@ -39,6 +39,7 @@ from engine import distributed
 from engine.checkpoint import CheckpointError, latest_checkpoint
 from engine.config import PRESETS, EngineConfig, get_preset
 from engine.data.corpus import DATASETS
+from engine.devices import check_device
 from engine.distributed import DataParallel
 from engine.stop_request import TrainingStopped
 
@@ -151,6 +152,7 @@ def main(argv=None) -> int:
         if args.resume and args.sft_from is not None:
             raise ValueError("--resume continues the run in --out as it was configured: drop "
                              "--sft-from")
+        check_device(args.device)
         cfg = resolve_config(args)
         if args.dry_run:
             dry_run(cfg)

@@ -82,3 +82,15 @@ def test_generate_missing_run_and_corrupt_checkpoint(tmp_path, capsys):
     f.write_bytes(f.read_bytes()[:100])
     assert generate.main(["--run", str(tmp_path / "run"), "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_device_the_machine_lacks_is_one_clear_error(run_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert train.main(["--out", str(out), "--device", "cuda", "--steps", "1"]) == 2
+    assert "device 'cuda'" in capsys.readouterr().err and not out.exists()
+    assert generate.main(["--run", str(run_dir), "--prompt", "x", "--device", "cuda:1",
+                          "--out", str(tmp_path / "x.png")]) == 2
+    assert "device 'cuda:1'" in capsys.readouterr().err
+    assert train.main(["--out", str(out), "--device", "gpu0"]) == 2
+    assert "not a device name" in capsys.readouterr().err
