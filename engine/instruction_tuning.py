@@ -23,6 +23,7 @@ import torch
 
 from engine.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
 from engine.config import EngineConfig, sft_schedule
+from engine.distributed import DataParallel
 from engine.run_artifacts import RunDir
 
 log = logging.getLogger("engine.train")
@@ -59,7 +60,10 @@ def copy_source_artifacts(cfg: EngineConfig, out: Path) -> None:
 
 def run_instruction_tuning(cfg: EngineConfig, out: Path, device: str | None = None,
                            resume: bool = False, evaluate: bool = True,
-                           progress: bool = True) -> dict:
+                           progress: bool = True, dp: DataParallel = DataParallel()) -> dict:
+    """Under data parallelism rank 0 copies the source's artifacts while the others wait;
+    every process builds the same instruction set and tunes its share of each batch; rank 0
+    alone evaluates (the others return {})."""
     from engine.data.corpus import load_dataset
     from engine.data.instructions import (build_instruction_set, instruction_stream,
                                           prompt_context)
@@ -75,9 +79,12 @@ def run_instruction_tuning(cfg: EngineConfig, out: Path, device: str | None = No
     if cfg.data.dataset != "shapes":
         raise ValueError(f"instruction tuning builds its tasks from the shapes dataset's "
                          f"layouts; the source run trained on {cfg.data.dataset!r}")
-    copy_source_artifacts(cfg, out)
+    if dp.main:
+        copy_source_artifacts(cfg, out)
+    dp.barrier()
+    progress = progress and dp.main
     run = RunDir(out)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = dp.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.train.seed)
     vocab = Vocab.from_config(cfg.vocab)
     text = TextTokenizer.load(run.bpe, vocab)
@@ -101,8 +108,10 @@ def run_instruction_tuning(cfg: EngineConfig, out: Path, device: str | None = No
     metrics = train_model(
         model, lambda seed: instruction_stream(data, text, vocab, cfg.sft, cfg.train.cfg_dropout, seed),
         vocab, cfg.train, run.root, dev, resume=resume, progress=progress,
-        context_only=prompt_context)
+        context_only=prompt_context, dp=dp)
     timings["model_s"] = time.time() - t
+    if not dp.main:
+        return {}
     write_loss_curve(metrics, run.root / "loss.png")
 
     report: dict = {"source_run": cfg.sft.source_run}

@@ -157,8 +157,6 @@ def main(argv=None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return 0
-        if dp.active and cfg.sft.source_run:
-            raise ValueError("instruction tuning runs in one process: start it without torchrun")
         cfg = _prepare_on_rank_0(args, cfg, dp)
         if cfg is None:
             return 2  # rank 0 failed to prepare the run and said why
@@ -168,7 +166,7 @@ def main(argv=None) -> int:
                       progress=not args.quiet)
         if cfg.sft.source_run:
             from engine.instruction_tuning import run_instruction_tuning
-            run_instruction_tuning(cfg, args.out, **kwargs)
+            run_instruction_tuning(cfg, args.out, dp=dp, **kwargs)
         else:
             from engine.pipeline import run_pipeline
             run_pipeline(cfg, args.out, dp=dp, **kwargs)

@@ -1,7 +1,7 @@
 """Data-parallel training (engine/distributed.py) with two CPU processes under torchrun (gloo):
-the run trains like one process on the same global batch, rank 0 alone writes, and resuming
-continues it. Each process is single-threaded, so the one-process run is pinned to one
-thread too and both compute in the same order within a row."""
+pretraining and instruction tuning train like one process on the same global batch, rank 0
+alone writes, and resuming continues a run. Each process is single-threaded, so the
+one-process run is pinned to one thread too and both compute in the same order within a row."""
 from __future__ import annotations
 
 import json
@@ -31,8 +31,8 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # ~30 s: two short runs, each with its own tokenizers
-def test_two_processes_train_like_one_and_resume(tmp_path):
+@pytest.mark.slow  # ~45 s: two short runs, each with its own tokenizers, and two tunings
+def test_two_processes_train_like_one_resume_and_tune(tmp_path):
     one = _train(tmp_path / "one", "--steps", "5")
     assert one.returncode == 0, one.stderr[-3000:]
     two = _train(tmp_path / "two", "--steps", "5", procs=2)
@@ -46,6 +46,14 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
     assert more.returncode == 0, more.stderr[-3000:]
     assert [r for r in range(1, 8)] == [json.loads(line)["step"] for line in
                                         (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+
+    # instruction tuning of that run, in two processes and in one
+    sft = ["--sft-from", str(tmp_path / "two"), "--steps", "3", "--set", "sft.examples=100"]
+    for procs in (2, 1):
+        done = _train(tmp_path / f"sft{procs}", *sft, procs=procs)
+        assert done.returncode == 0, done.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "sft2")),
+                               torch.tensor(_losses(tmp_path / "sft1")), rtol=1e-5, atol=1e-5)
 
 
 def test_batch_must_split_evenly():
