@@ -1,6 +1,6 @@
 """Data-parallel training over the processes torchrun starts (one per GPU; gloo on CPU).
 
-    torchrun --nproc_per_node 8 -m engine.train --preset cm3leon-350m --out runs/350m
+    torchrun --standalone --nproc_per_node 8 -m engine.train --preset cm3leon-350m --out runs/350m
 
 The batch stays global: every process packs the same `train.batch_size` rows from the same
 document stream and trains its own slice of them (batch_size / world rows), and each

@@ -19,7 +19,7 @@ editing; loss on the outputs only) into a run directory of its own (engine/instr
 Ctrl-C (or SIGTERM) during model training stops at the end of the step with a checkpoint;
 --resume continues from there. A second Ctrl-C stops at once.
 
-  torchrun --nproc_per_node 8 -m engine.train --preset cm3leon-350m --out runs/350m
+  torchrun --standalone --nproc_per_node 8 -m engine.train --preset cm3leon-350m --out runs/350m
 
 trains data-parallel, one process per GPU, with the same results as one process on the
 whole batch (engine/distributed.py).

@@ -20,7 +20,8 @@ SMALL = ["--quiet", "--no-eval", "--set", "image.train_steps=5", "--set", "data.
 
 
 def _train(out: Path, *args: str, procs: int = 1) -> subprocess.CompletedProcess:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", str(procs)]
                 if procs > 1 else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([*launcher, "-m", "engine.train", "--out", str(out), *args, *SMALL],
