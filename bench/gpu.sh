@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session (about 8-11 minutes; see STEPS below to split it over two calls). Writes everything under the folder given
-# (default $OUT, else bench/out), most important first, so a run cut short still returns
-# what it finished:
+# One GPU session (about 8-11 minutes; STEPS below splits it over two calls). Writes
+# everything under the folder given (default $OUT, else bench/out), most important first, so
+# a run cut short still returns what it finished:
 #   1. install (no deps: the GPU machine's torch/triton are used) and build engine._C with the
 #      CUDA kernels, in the background (it needs CPUs, the tuning needs the GPU);
 #   2. tune the forward's tiles and loop variant (pointers or TMA, lazy rescaling, warp
