@@ -76,7 +76,8 @@ def from_env() -> DataParallel:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # NCCL for GPU tensors and gloo for CPU ones, so --device cpu works on a GPU machine
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return DataParallel(rank, world, local)
 
 
