@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="PNG file to write (image outputs)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's weights and KV cache (default float32)")
     return ap.parse_args(argv)
 
 
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
         from engine.inference import Engine, SamplingParams
         modality = output_modality(args)
         prompt = build_prompt(args)
-        engine = Engine.from_run(args.run, args.device)
+        engine = Engine.from_run(args.run, args.device, dtype=args.dtype)
         if args.retrieve:
             from engine.retrieval.generation import RetrievalEngine
             from engine.retrieval.online import Retriever

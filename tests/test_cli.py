@@ -94,3 +94,16 @@ def test_a_device_the_machine_lacks_is_one_clear_error(run_dir, tmp_path, capsys
     assert "device 'cuda:1'" in capsys.readouterr().err
     assert train.main(["--out", str(out), "--device", "gpu0"]) == 2
     assert "not a device name" in capsys.readouterr().err
+
+
+def test_generate_in_bfloat16(run_dir, tmp_path):
+    import torch
+    from engine.inference import Engine
+    engine = Engine.from_run(run_dir, "cpu", dtype="bfloat16")
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    out = tmp_path / "bf16.png"
+    assert generate.main(["--run", str(run_dir), "--prompt", "a red circle", "--dtype",
+                          "bfloat16", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        Engine.from_run(run_dir, "cpu", dtype="float16")

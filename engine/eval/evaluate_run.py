@@ -1,7 +1,7 @@
 """Prompt accuracy of a finished run, with as many draws as you want to pay for.
 
   python -m engine.eval.evaluate_run --run runs/tiny [--samples-per-pair 32] [--cfg 1 3 5]
-                                     [--seed 0] [--json PATH] [--grids DIR]
+                                     [--seed 0] [--json PATH] [--grids DIR] [--dtype bfloat16]
 
 The training run's own evaluation uses a fixed number of draws; this re-measures its latest
 checkpoint (e.g. with more draws, so that the 4 held-out pairs are not judged on a handful
@@ -26,16 +26,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     ap.add_argument("--grids", type=Path, default=None, help="write grid_cfg<scale>.png here")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's weights and KV cache")
     return ap.parse_args(argv)
 
 
 def evaluate_run(run: Path, samples_per_pair: int, cfg_scales, seed: int = 0,
-                 grid_dir: Path | None = None, device: str = "cpu") -> dict:
+                 grid_dir: Path | None = None, device: str = "cpu",
+                 dtype: str = "float32") -> dict:
     from engine.eval.prompt_accuracy import evaluate_prompts
     from engine.eval.report import image_generator
     from engine.inference.image_generation import SamplingSettings
     from engine.run_artifacts import RunDir, build_classifier, load_for_inference
-    cfg, model, tok = load_for_inference(run, device)
+    cfg, model, tok = load_for_inference(run, device, dtype)
     if cfg.data.dataset != "shapes":
         raise ValueError(f"prompt accuracy needs the shapes dataset (this run used {cfg.data.dataset!r})")
     classifier = build_classifier(RunDir(run), cfg, progress=False)
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
         if args.samples_per_pair < 1:
             raise ValueError("--samples-per-pair must be >= 1")
         report = evaluate_run(args.run, args.samples_per_pair, args.cfg, args.seed, args.grids,
-                              args.device)
+                              args.device, args.dtype)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -52,10 +52,12 @@ class Engine:
 
     @classmethod
     def from_run(cls, path: str | Path, device: str | torch.device | None = None,
-                 scorer: Scorer | None = None) -> "Engine":
+                 scorer: Scorer | None = None, dtype: str | torch.dtype = "float32") -> "Engine":
+        """The run's latest weights on `device` (default: the GPU when there is one) in
+        `dtype`, "float32" or "bfloat16"."""
         from engine.run_artifacts import load_for_inference
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cfg, model, tok = load_for_inference(path, device)
+        cfg, model, tok = load_for_inference(path, device, dtype)
         return cls(model, tok, cfg.image.image_size, scorer)
 
     @property
