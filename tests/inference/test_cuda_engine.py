@@ -74,3 +74,18 @@ def test_gpu_samples_are_pictures_and_repeat_with_the_seed(engines):
         for s in r.samples:
             assert len(s.images) == 1 and s.images[0].size == (16, 16)
             assert all(gpu.vocab.is_image(t) for t in s.token_ids[:16])
+
+
+def test_gpu_engine_in_bfloat16(engines):
+    # bf16 weights and KV cache (Engine.from_run(..., dtype="bfloat16")): the paged kernels'
+    # bf16 paths inside the engine; pictures come back whole and the seed repeats them
+    _, gpu = engines
+    half = copy.deepcopy(gpu)
+    half.model.to(torch.bfloat16)
+    params = SamplingParams(n=2, cfg_scale=3.0, seed=3)
+    first = half.generate(["a red circle", "make it blue"], params)
+    assert tokens(first) == tokens(half.generate(["a red circle", "make it blue"], params))
+    assert all(len(s.images) == 1 for r in first for s in r.samples)
+    text = half.generate([[PICTURE]], SamplingParams(temperature=0.0, modality="text",
+                                                     max_new_tokens=12))
+    assert text[0].samples[0].token_ids
