@@ -94,3 +94,33 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
 
 def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def packed_rows(batch: int, seq: int, docs: int, vocab: int, device) -> tuple:
+    """(ids, positions, cu_seqlens, targets) of `batch` packed rows of `seq` tokens, each
+    `docs` documents of uneven length, half the positions carrying a target: a training
+    batch as engine.data.packing makes one, for the training benchmarks."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    targets = torch.randint(0, vocab, (batch, seq), generator=g)
+    targets[torch.rand(batch, seq, generator=g) < 0.5] = -100
+    cuts = [round(i * seq / docs) + (7 if 0 < i < docs else 0) for i in range(docs + 1)]
+    positions = torch.cat([torch.arange(b - a) for a, b in zip(cuts, cuts[1:])])[None]
+    cu = torch.tensor([r * seq + c for r in range(batch) for c in cuts[:-1]] + [batch * seq],
+                      dtype=torch.int32)
+    return (ids.to(device), positions.expand(batch, -1).to(device), cu.to(device),
+            targets.to(device))
+
+
+def training_step(model, rows: tuple, bf16: bool) -> Callable[[], None]:
+    """One forward and backward of `model` and its span loss on `rows` (packed_rows), as
+    engine.trainer runs it; the gradients are dropped so that every call allocates them."""
+    ids, positions, cu, targets = rows
+    device_type = ids.device.type
+
+    def step():
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(model(ids, positions=positions, cu_seqlens=cu), targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step

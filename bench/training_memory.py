@@ -19,25 +19,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Row, device_name, peak_memory_mb, time_fn
+from bench.common import (Row, device_name, packed_rows, peak_memory_mb, time_fn,
+                          training_step)
 from engine.config import get_preset
 from engine.model import Transformer
 
 VOCAB = 1_536
-
-
-def _batch(batch, seq, device):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
-    targets = torch.randint(0, VOCAB, (batch, seq), generator=g)
-    targets[torch.rand(batch, seq, generator=g) < 0.5] = -100
-    # three documents a row: positions restart at each, cu_seqlens marks their starts
-    cuts = [0, seq // 4, seq // 2 + 7, seq]
-    positions = torch.cat([torch.arange(b - a) for a, b in zip(cuts, cuts[1:])])[None]
-    cu = torch.tensor([r * seq + c for r in range(batch) for c in cuts[:-1]] + [batch * seq],
-                      dtype=torch.int32)
-    return (ids.to(device), positions.expand(batch, -1).to(device), cu.to(device),
-            targets.to(device))
 
 
 def _shape(cuda: bool, quick: bool):
@@ -54,14 +41,7 @@ def _step_fn(cuda: bool, quick: bool, checkpointing: bool):
     torch.manual_seed(0)
     model = Transformer(cfg, VOCAB).to(device).train()
     model.activation_checkpointing = checkpointing
-    ids, positions, cu, targets = _batch(batch, seq, device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model.loss(model(ids, positions=positions, cu_seqlens=cu), targets)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-    return step
+    return training_step(model, packed_rows(batch, seq, 3, VOCAB, device), bf16=cuda)
 
 
 def cpu_peak_mb(quick: bool, checkpointing: bool) -> float:

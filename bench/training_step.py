@@ -17,25 +17,12 @@ import os
 
 import torch
 
-from bench.common import Row, device_name, time_fn
+from bench.common import Row, device_name, packed_rows, time_fn, training_step
 from engine.config import get_preset
 from engine.model import Transformer
 from engine.trainer import bf16_autocast_ok
 
 VOCAB = 1_536
-
-
-def _batch(batch, seq, docs, device):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
-    targets = torch.randint(0, VOCAB, (batch, seq), generator=g)
-    targets[torch.rand(batch, seq, generator=g) < 0.5] = -100
-    cuts = [round(i * seq / docs) + (7 if 0 < i < docs else 0) for i in range(docs + 1)]
-    positions = torch.cat([torch.arange(b - a) for a, b in zip(cuts, cuts[1:])])[None]
-    cu = torch.tensor([r * seq + c for r in range(batch) for c in cuts[:-1]] + [batch * seq],
-                      dtype=torch.int32)
-    return (ids.to(device), positions.expand(batch, -1).to(device), cu.to(device),
-            targets.to(device))
 
 
 def run(quick: bool) -> list[Row]:
@@ -49,14 +36,8 @@ def run(quick: bool) -> list[Row]:
                               n_heads=heads, max_seq_len=seq)
     torch.manual_seed(0)
     model = Transformer(cfg, VOCAB).to(device).train()
-    ids, positions, cu, targets = _batch(batch, seq, docs, device)
     bf16 = bf16_autocast_ok(device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model.loss(model(ids, positions=positions, cu_seqlens=cu), targets)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+    step = training_step(model, packed_rows(batch, seq, docs, VOCAB, device), bf16)
 
     saved = os.environ.get("ENGINE_BACKEND")
     timed = {}

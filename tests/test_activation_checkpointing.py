@@ -59,17 +59,11 @@ def test_it_actually_recomputes(monkeypatch):
 
 
 def test_the_trainer_turns_it_on(tmp_path):
-    from engine.tokenizer.vocab import Vocab
     from engine.trainer import train_model
-    vocab = Vocab.from_config(get_preset("tiny").vocab)
-    mcfg = dataclasses.replace(get_preset("tiny").model, n_layers=1, d_model=32, n_heads=2,
-                               max_seq_len=64)
-
-    def stream(seed):
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            yield [vocab.bos] + torch.randint(vocab.bpe_start, vocab.size, (20,), generator=g).tolist()
-
+    from tests.training_cases import VOCAB as vocab
+    from tests.training_cases import random_documents as stream
+    from tests.training_cases import small_model_config
+    mcfg = small_model_config()
     curves = []
     for on in (False, True):
         tcfg = dataclasses.replace(get_preset("tiny").train, steps=4, batch_size=2, log_every=1,

@@ -10,24 +10,17 @@ import torch
 from engine.config import TrainConfig, get_preset
 from engine.data.packing import Packer
 from engine.model import Transformer
-from engine.tokenizer.vocab import Vocab
 from engine.trainer import _forward_backward, _LossStep, train_model
-
-VOCAB = Vocab.from_config(get_preset("tiny").vocab)
+from tests.training_cases import VOCAB, random_documents, small_model_config
 
 
 def _docs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        n = int(torch.randint(3, 40, (1,), generator=g))
-        yield [VOCAB.bos] + torch.randint(VOCAB.bpe_start, VOCAB.size, (n,), generator=g).tolist()
+    return random_documents(seed, lengths=(3, 39))
 
 
 def _model():
-    cfg = dataclasses.replace(get_preset("tiny").model, n_layers=2, d_model=32, n_heads=2,
-                              max_seq_len=64)
     torch.manual_seed(0)
-    return Transformer(cfg, VOCAB.size)
+    return Transformer(small_model_config(n_layers=2), VOCAB.size)
 
 
 def test_rows_of_a_batch_are_a_batch():

@@ -14,16 +14,14 @@ from engine.checkpoint import latest_checkpoint, load_model_weights
 from engine.config import get_preset
 from engine.model import Transformer
 from engine.stop_request import StopRequests, TrainingStopped
-from engine.tokenizer.vocab import Vocab
 from engine.trainer import _read_metrics, train_model
+from tests.training_cases import VOCAB, random_documents, small_model_config
 
 STEPS = 12
 
 
 def _setup():
-    vocab = Vocab.from_config(get_preset("tiny").vocab)
-    mcfg = dataclasses.replace(get_preset("tiny").model, n_layers=1, d_model=32, n_heads=2,
-                               max_seq_len=64)
+    vocab, mcfg = VOCAB, small_model_config()
     tcfg = dataclasses.replace(get_preset("tiny").train, steps=STEPS, batch_size=2,
                                warmup_steps=2, checkpoint_every=100, log_every=100,
                                ema_decay=0.9, autocast_bf16=False)
@@ -32,14 +30,10 @@ def _setup():
 
 def _stream(vocab, signal_after_docs=None, sig=signal.SIGINT):
     def factory(seed):
-        g = torch.Generator().manual_seed(seed)
-        n = 0
-        while True:
-            n += 1
+        for n, doc in enumerate(random_documents(seed), start=1):
             if n == signal_after_docs:  # lands inside a step, while its batch is being packed
                 os.kill(os.getpid(), sig)
-            yield [vocab.bos] + torch.randint(vocab.bpe_start, vocab.size, (20,),
-                                              generator=g).tolist()
+            yield doc
     return factory
 
 

@@ -97,16 +97,11 @@ def test_decay_outside_the_unit_interval_is_refused():
 
 
 def test_training_saves_the_average_and_leaves_the_model_holding_it(tmp_path):
-    from engine.tokenizer.vocab import Vocab
     from engine.trainer import train_model
-    vocab = Vocab.from_config(get_preset("tiny").vocab)
-    mcfg = dataclasses.replace(get_preset("tiny").model, n_layers=1, d_model=32, n_heads=2,
-                               max_seq_len=64)
-
-    def stream(seed):
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            yield [vocab.bos] + torch.randint(vocab.bpe_start, vocab.size, (20,), generator=g).tolist()
+    from tests.training_cases import VOCAB as vocab
+    from tests.training_cases import random_documents as stream
+    from tests.training_cases import small_model_config
+    mcfg = small_model_config()
 
     tcfg = dataclasses.replace(get_preset("tiny").train, steps=6, batch_size=2, warmup_steps=2,
                                checkpoint_every=3, ema_decay=0.9, autocast_bf16=False)
