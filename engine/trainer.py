@@ -90,8 +90,10 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
     model.activation_checkpointing = cfg.activation_checkpointing
     step_fn = _LossStep(model)
     if dp.active:
+        # gradients as views into DDP's reduction buckets: one copy of them, not two
         step_fn = DistributedDataParallel(
-            step_fn, device_ids=[device.index] if device.type == "cuda" else None)
+            step_fn, device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
     optim = make_optimizer(model, cfg)
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
