@@ -1,0 +1,199 @@
+"""python -m engine.serve: the generation engine behind an HTTP JSON API, for frontends that
+do not run Python.
+
+  python -m engine.serve --run runs/tiny --port 8000
+  curl -s localhost:8000/v1/generate -d '{"prompt": "a red circle", "n": 4}'
+
+POST /v1/generate with a JSON object:
+  prompt           caption, question, instruction or text with <mask> (optional with image)
+  image            an input image, base64 (PNG, JPEG, ...; any size, fitted as the CLI fits it)
+  output           "image" or "text"; default inferred as python -m engine.generate infers it
+  n, seed, cfg_scale, image_cfg_scale, cd_k ([alpha, k]), temperature, top_p, top_k,
+  max_new_tokens   as engine.inference.SamplingParams (unset: the run's sampling defaults)
+answers {"output": ..., "samples": [{"text", "image" (base64 PNG or null), "token_ids",
+"finish_reason", "score"}]}. GET /health answers {"status": "ok", "run", "device", "dtype"}.
+A bad request is a 400 with {"error": "..."} (the engine's own message); an unknown path a 404;
+a body over 16 MiB a 413. Requests are served one at a time (the engine is not thread-safe);
+the n samples of a request share each forward.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import threading
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+from engine.checkpoint import CheckpointError
+
+MAX_BODY = 16 * 2**20
+FIELDS = {"prompt", "image", "output", "n", "seed", "cfg_scale", "image_cfg_scale", "cd_k",
+          "temperature", "top_p", "top_k", "max_new_tokens"}
+
+
+class BadRequest(ValueError):
+    """The request itself is wrong: answered with a 400 and this message."""
+
+
+class Service:
+    """One engine, its run's sampling defaults, and a lock: what every request goes through."""
+
+    def __init__(self, run: Path, device: str | None = None, dtype: str = "float32"):
+        from engine.inference import Engine
+        from engine.run_artifacts import RunDir
+        self.engine = Engine.from_run(run, device, dtype=dtype)
+        self.defaults = RunDir(run).load_config().sample
+        self.info = {"status": "ok", "run": str(run), "device": str(self.engine.device),
+                     "dtype": dtype}
+        self.lock = threading.Lock()
+
+    def generate(self, request: dict) -> dict:
+        from engine.generate import output_modality
+        from engine.inference import SamplingParams
+        unknown = set(request) - FIELDS
+        if unknown:
+            raise BadRequest(f"unknown fields {sorted(unknown)}; known: {sorted(FIELDS)}")
+        prompt, image = request.get("prompt"), _image(request.get("image"))
+        if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+            raise BadRequest("prompt must be a non-empty string (or leave it out and send an "
+                             "image to caption)")
+        if prompt is None and image is None:
+            raise BadRequest("send a prompt, an image, or both")
+        output = request.get("output")
+        if output not in (None, "image", "text"):
+            raise BadRequest(f"output must be \"image\" or \"text\"; got {output!r}")
+        modality = output_modality(SimpleNamespace(output=output, prompt=prompt,
+                                                   image=None if image is None else "sent"))
+        s = self.defaults
+        cd_k = request.get("cd_k")
+        params = SamplingParams(
+            cfg_scale=request.get("cfg_scale", s.cfg_scale if modality == "image" else 1.0),
+            image_cfg_scale=request.get("image_cfg_scale"),
+            cd_k=None if cd_k is None else _cd_k(cd_k),
+            temperature=request.get("temperature", s.temperature),
+            top_p=request.get("top_p", s.top_p), top_k=request.get("top_k", s.top_k),
+            n=request.get("n", 1), seed=request.get("seed", 0),
+            max_new_tokens=request.get("max_new_tokens"), modality=modality)
+        items = [x for x in (image, prompt) if x is not None]
+        with self.lock:
+            [result] = self.engine.generate([items], params)
+        return {"output": modality, "samples": [
+            {"text": smp.text, "image": _png(smp.images[0]) if smp.images else None,
+             "token_ids": smp.token_ids, "finish_reason": smp.finish_reason,
+             "score": smp.score} for smp in result.samples]}
+
+
+def _image(data):
+    if data is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+    if not isinstance(data, str):
+        raise BadRequest("image must be a base64 string")
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            return im.copy()
+    except (ValueError, UnidentifiedImageError):
+        raise BadRequest("image is not a base64-encoded image PIL can read (PNG, JPEG, BMP, "
+                         "GIF, WebP or TIFF)") from None
+
+
+def _cd_k(value) -> tuple[float, int]:
+    if not (isinstance(value, list) and len(value) == 2):
+        raise BadRequest(f"cd_k takes [alpha, k], e.g. [0.1, 8]; got {value!r}")
+    return float(value[0]), int(value[1])
+
+
+def _png(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def make_handler(service: Service):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "cm3leon-engine"
+
+        def _answer(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            if self.path == "/health":
+                self._answer(200, service.info)
+            else:
+                self._answer(404, {"error": f"no such path {self.path}; try /health"})
+
+        def do_POST(self):  # noqa: N802
+            if self.path != "/v1/generate":
+                self._answer(404, {"error": f"no such path {self.path}; POST /v1/generate"})
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                self._answer(413, {"error": f"the body is {length} bytes; at most {MAX_BODY}"})
+                return
+            try:
+                request = json.loads(self.rfile.read(length) or b"null")
+            except json.JSONDecodeError as exc:
+                self._answer(400, {"error": f"the body is not JSON: {exc}"})
+                return
+            if not isinstance(request, dict):
+                self._answer(400, {"error": "the body must be a JSON object"})
+                return
+            try:
+                self._answer(200, service.generate(request))
+            except (ValueError, TypeError) as exc:  # BadRequest and the engine's own checks
+                self._answer(400, {"error": str(exc)})
+            except Exception as exc:  # a fault of ours: say so, keep serving, keep the trace
+                traceback.print_exc()
+                self._answer(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+        def log_message(self, fmt, *args):  # one line a request on stderr, as usual
+            sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+
+    return Handler
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a run directory from python -m engine.train")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        service = Service(args.run, args.device, args.dtype)
+        server = ThreadingHTTPServer((args.host, args.port), make_handler(service))
+    except (ValueError, FileNotFoundError, CheckpointError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"serving {args.run} on http://{args.host}:{server.server_address[1]} "
+          f"({service.info['device']}, {args.dtype}); POST /v1/generate, GET /health",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
