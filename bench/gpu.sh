@@ -89,7 +89,7 @@ ENGINE_REQUIRE_NATIVE=1 timeout 200 python -m pytest -q -m cuda --timeout 120 -p
 tail -15 "$OUT_DIR/cuda_tests.txt" | tee -a "$OUT_DIR/gpu.log"
 
 log "other GPU benchmarks"
-timeout 120 python bench/run.py $QUICK --only sampling,paged_attention,generation,training_memory,training_step \
+timeout 120 python bench/run.py $QUICK --only sampling,paged_attention,generation,serving,training_memory,training_step \
   --json "$OUT_DIR/bench_other.json" 2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -40
 fi
 

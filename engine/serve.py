@@ -13,18 +13,26 @@ POST /v1/generate with a JSON object:
 answers {"output": ..., "samples": [{"text", "image" (base64 PNG or null), "token_ids",
 "finish_reason", "score"}]}. GET /health answers {"status": "ok", "run", "device", "dtype"}.
 A bad request is a 400 with {"error": "..."} (the engine's own message); an unknown path a 404;
-a body over 16 MiB a 413. Requests are served one at a time (the engine is not thread-safe);
-the n samples of a request share each forward.
+a body over 16 MiB a 413.
+
+Batching: one worker thread owns the engine. Requests without a seed that are waiting when it
+becomes free, and ask for the same settings (modality, n, sampling fields), run as one
+engine.generate call: their prompts share every forward, under a fresh random seed. A
+request with a seed runs in a call of its own, so the same seed gives the same samples.
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
+import queue
+import random
 import sys
 import threading
 import traceback
+from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,16 +49,17 @@ class BadRequest(ValueError):
 
 
 class Service:
-    """One engine, its run's sampling defaults, and a lock: what every request goes through."""
+    """One engine, its run's sampling defaults, and the worker that batches requests."""
 
-    def __init__(self, run: Path, device: str | None = None, dtype: str = "float32"):
+    def __init__(self, run: Path, device: str | None = None, dtype: str = "float32",
+                 max_batch: int = 32):
         from engine.inference import Engine
         from engine.run_artifacts import RunDir
         self.engine = Engine.from_run(run, device, dtype=dtype)
         self.defaults = RunDir(run).load_config().sample
         self.info = {"status": "ok", "run": str(run), "device": str(self.engine.device),
                      "dtype": dtype}
-        self.lock = threading.Lock()
+        self.batcher = Batcher(self.engine, max_batch)
 
     def generate(self, request: dict) -> dict:
         from engine.generate import output_modality
@@ -71,21 +80,70 @@ class Service:
                                                    image=None if image is None else "sent"))
         s = self.defaults
         cd_k = request.get("cd_k")
+        seed = request.get("seed")
         params = SamplingParams(
             cfg_scale=request.get("cfg_scale", s.cfg_scale if modality == "image" else 1.0),
             image_cfg_scale=request.get("image_cfg_scale"),
             cd_k=None if cd_k is None else _cd_k(cd_k),
             temperature=request.get("temperature", s.temperature),
             top_p=request.get("top_p", s.top_p), top_k=request.get("top_k", s.top_k),
-            n=request.get("n", 1), seed=request.get("seed", 0),
+            n=request.get("n", 1), seed=0 if seed is None else seed,
             max_new_tokens=request.get("max_new_tokens"), modality=modality)
+        params.validate()
         items = [x for x in (image, prompt) if x is not None]
-        with self.lock:
-            [result] = self.engine.generate([items], params)
+        self.engine.prepare(items, params)  # a prompt that cannot run fails here, alone
+        result = self.batcher.submit(items, params, seeded=seed is not None).result()
         return {"output": modality, "samples": [
             {"text": smp.text, "image": _png(smp.images[0]) if smp.images else None,
              "token_ids": smp.token_ids, "finish_reason": smp.finish_reason,
              "score": smp.score} for smp in result.samples]}
+
+
+class Batcher:
+    """The engine's only user: a worker thread that runs what is waiting, grouped."""
+
+    def __init__(self, engine, max_batch: int):
+        self.engine, self.max_batch = engine, max_batch
+        self.waiting: queue.Queue = queue.Queue()
+        self.calls = 0  # engine.generate calls made (the tests read it)
+        threading.Thread(target=self._work, daemon=True, name="engine").start()
+
+    def submit(self, items: list, params, seeded: bool) -> Future:
+        done: Future = Future()
+        self.waiting.put((items, params, seeded, done))
+        return done
+
+    def _work(self) -> None:
+        while True:
+            batch = [self.waiting.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            groups: dict = {}
+            for job in batch:
+                items, params, seeded, _ = job
+                # seeded requests alone (their seed decides their samples); the others by
+                # settings, under one fresh seed
+                key = id(job) if seeded else dataclasses.astuple(params)
+                groups.setdefault(key, []).append(job)
+            for jobs in groups.values():
+                self._run(jobs)
+
+    def _run(self, jobs: list) -> None:
+        params = jobs[0][1]
+        if not jobs[0][2]:
+            params = dataclasses.replace(params, seed=random.randrange(2**31))
+        try:
+            self.calls += 1
+            results = self.engine.generate([items for items, *_ in jobs], params)
+        except Exception as exc:  # noqa: BLE001 (handed to the requests, raised there)
+            for *_, done in jobs:
+                done.set_exception(exc)
+            return
+        for (*_, done), result in zip(jobs, results):
+            done.set_result(result)
 
 
 def _image(data):

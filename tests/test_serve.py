@@ -96,3 +96,57 @@ def test_bad_bodies_and_paths(url):
                           headers={"Content-Length": str(MAX_BODY + 1)})
     assert status == 413
     assert call(url, "/health")[0] == 200  # still serving
+
+
+class FakeEngine:
+    """Records each generate call; the first one waits until the test lets it finish, so the
+    requests submitted meanwhile are all waiting when the worker comes back."""
+
+    def __init__(self, fail=False):
+        self.calls, self.fail = [], fail
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def generate(self, prompts, params):
+        self.calls.append(([p[0] for p in prompts], params.seed, params.n))
+        if len(self.calls) == 1:
+            self.inside.set()
+            self.release.wait(10)
+        if self.fail and len(self.calls) > 1:
+            raise ValueError("the model refused")
+        return [f"result of {p[0]}" for p in prompts]
+
+
+def _params(**kw):
+    from engine.inference import SamplingParams
+    return SamplingParams(**kw)
+
+
+def test_waiting_requests_with_the_same_settings_share_a_call():
+    from engine.serve import Batcher
+    engine = FakeEngine()
+    batcher = Batcher(engine, max_batch=32)
+    first = batcher.submit(["a"], _params(), seeded=False)
+    assert engine.inside.wait(10)
+    b = batcher.submit(["b"], _params(), seeded=False)
+    c = batcher.submit(["c"], _params(), seeded=False)
+    d = batcher.submit(["d"], _params(seed=7), seeded=True)
+    e = batcher.submit(["e"], _params(n=2), seeded=False)
+    engine.release.set()
+    assert [f.result(10) for f in (first, b, c, d, e)] == [f"result of {x}" for x in "abcde"]
+    prompts = [p for p, _, _ in engine.calls]
+    assert prompts == [["a"], ["b", "c"], ["d"], ["e"]]
+    assert engine.calls[2][1] == 7, "a seeded request keeps its seed"
+    assert engine.calls[3][2] == 2
+
+
+def test_a_failing_call_fails_its_requests_only():
+    from engine.serve import Batcher
+    engine = FakeEngine(fail=True)
+    batcher = Batcher(engine, max_batch=32)
+    ok = batcher.submit(["a"], _params(), seeded=False)
+    assert engine.inside.wait(10)
+    bad = batcher.submit(["b"], _params(), seeded=False)
+    engine.release.set()
+    assert ok.result(10) == "result of a"
+    with pytest.raises(ValueError, match="refused"):
+        bad.result(10)
