@@ -16,7 +16,9 @@
 #      (scripts/attention_launch_overhead.py);
 #   6. the span-loss benchmark (auto's `chunked` against the reference and the fused kernel);
 #   7. the remaining `cuda` tests (native build; among them the generation engine and a short
-#      tiny training run on the GPU against the references), then the other GPU benchmarks;
+#      tiny training run on the GPU against the references), then the other GPU benchmarks
+#      (sampling, paged decode, generation; then a training step, activation checkpointing,
+#      serving);
 #   8. the span loss against Liger-Kernel and Cut Cross-Entropy, when their wheels were carried.
 #   bash bench/gpu.sh [OUT_DIR] [--quick]          STEPS=other,peers bash bench/gpu.sh OUT
 set -uo pipefail
@@ -89,8 +91,11 @@ ENGINE_REQUIRE_NATIVE=1 timeout 200 python -m pytest -q -m cuda --timeout 120 -p
 tail -15 "$OUT_DIR/cuda_tests.txt" | tee -a "$OUT_DIR/gpu.log"
 
 log "other GPU benchmarks"
-timeout 120 python bench/run.py $QUICK --only sampling,paged_attention,generation,serving,training_memory,training_step \
+timeout 120 python bench/run.py $QUICK --only sampling,paged_attention,generation \
   --json "$OUT_DIR/bench_other.json" 2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -40
+log "training and serving benchmarks"
+timeout 120 python bench/run.py $QUICK --only training_step,training_memory,serving \
+  --json "$OUT_DIR/bench_training.json" 2>&1 | tee -a "$OUT_DIR/gpu.log" | tail -12
 fi
 
 # Last, as the least needed: the span loss again with Liger-Kernel and Cut Cross-Entropy
