@@ -105,7 +105,6 @@ class Batcher:
     def __init__(self, engine, max_batch: int):
         self.engine, self.max_batch = engine, max_batch
         self.waiting: queue.Queue = queue.Queue()
-        self.calls = 0  # engine.generate calls made (the tests read it)
         threading.Thread(target=self._work, daemon=True, name="engine").start()
 
     def submit(self, items: list, params, seeded: bool) -> Future:
@@ -123,7 +122,7 @@ class Batcher:
                     break
             groups: dict = {}
             for job in batch:
-                items, params, seeded, _ = job
+                _, params, seeded, _ = job
                 # seeded requests alone (their seed decides their samples); the others by
                 # settings, under one fresh seed
                 key = id(job) if seeded else dataclasses.astuple(params)
@@ -136,7 +135,6 @@ class Batcher:
         if not jobs[0][2]:
             params = dataclasses.replace(params, seed=random.randrange(2**31))
         try:
-            self.calls += 1
             results = self.engine.generate([items for items, *_ in jobs], params)
         except Exception as exc:  # noqa: BLE001 (handed to the requests, raised there)
             for *_, done in jobs:
@@ -230,13 +228,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--max-batch", type=int, default=32,
+                    help="most waiting requests run in one engine call (each brings its n "
+                         "samples, twice over with CFG); 1 = one call per request")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        service = Service(args.run, args.device, args.dtype)
+        if args.max_batch < 1:
+            raise ValueError("--max-batch must be >= 1")
+        service = Service(args.run, args.device, args.dtype, args.max_batch)
         server = ThreadingHTTPServer((args.host, args.port), make_handler(service))
     except (ValueError, FileNotFoundError, CheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
