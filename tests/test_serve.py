@@ -150,3 +150,16 @@ def test_a_failing_call_fails_its_requests_only():
     assert ok.result(10) == "result of a"
     with pytest.raises(ValueError, match="refused"):
         bad.result(10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_serving_from_a_gpu(tmp_path, dtype):
+    root = tmp_path / "tiny"
+    make_untrained_run(root)
+    service = Service(root, "cuda", dtype)
+    assert service.info["device"].startswith("cuda")
+    body = service.generate({"prompt": "a red circle", "n": 3})
+    assert body["output"] == "image" and all(s["image"] for s in body["samples"])
+    body = service.generate({"image": png_b64(), "max_new_tokens": 6, "seed": 1})
+    assert body["output"] == "text" and body["samples"][0]["token_ids"]
