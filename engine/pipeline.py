@@ -48,7 +48,7 @@ def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume
     timings["bpe_s"] = time.time() - t
 
     t = _stage("image tokenizer (VQ-VAE)")
-    vq = build_vqvae(run, cfg, train_set, progress=progress).eval()
+    vq = build_vqvae(run, cfg, train_set, progress=progress, device=dev).eval()
     timings["vqvae_s"] = time.time() - t
 
     t = _stage("evaluation judge (shape classifier)")

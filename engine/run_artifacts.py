@@ -58,13 +58,17 @@ def build_text_tokenizer(run: RunDir, cfg: EngineConfig, dataset) -> TextTokeniz
     return tok
 
 
-def build_vqvae(run: RunDir, cfg: EngineConfig, dataset, progress: bool = True):
+def build_vqvae(run: RunDir, cfg: EngineConfig, dataset, progress: bool = True,
+                device: str | torch.device = "cpu"):
+    """The run's VQ-VAE on `device`: trained there (the pipeline passes its device, so a GPU
+    machine trains and uses its image tokenizer on the GPU), or loaded when it exists."""
     from engine.tokenizer.vq_train import train_vqvae
     from engine.tokenizer.vqvae import VQVAE
     if run.vqvae.is_file():
-        return VQVAE.load(run.vqvae, cfg.image, cfg.vocab.image_codes)
+        return VQVAE.load(run.vqvae, cfg.image, cfg.vocab.image_codes).to(device)
     t0 = time.time()
-    vq = train_vqvae(cfg.image, cfg.vocab.image_codes, dataset, seed=cfg.train.seed, progress=progress)
+    vq = train_vqvae(cfg.image, cfg.vocab.image_codes, dataset, seed=cfg.train.seed,
+                     progress=progress, device=device)
     run.vqvae.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.vqvae.with_suffix(".tmp")
     vq.save(tmp)

@@ -45,7 +45,7 @@ class DocumentTokenizer:
             raise ValueError("this tokenizer has no VQ-VAE: image segments need codes")
         from engine.tokenizer.vqvae import images_to_tensor
         with torch.no_grad():
-            codes = self.vq.encode(images_to_tensor(list(images)))
+            codes = self.vq.encode(images_to_tensor(list(images))).cpu()
         return [tuple(int(c) for c in row) for row in codes]
 
     def decode_images(self, codes: Sequence[Sequence[int]]) -> list[Image.Image]:

@@ -72,18 +72,24 @@ def psnr_db(mse: float) -> float:
 
 
 def train_vqvae(cfg: ImageConfig, codebook_size: int, dataset, steps: int | None = None,
-                seed: int = 0, progress: bool = True, bf16: bool | None = None) -> VQVAE:
-    """Train and return a VQ-VAE in eval mode. `bf16=None` picks bf16 autocast where the CPU
-    has native bf16 support (bf16_autocast_helps)."""
+                seed: int = 0, progress: bool = True, bf16: bool | None = None,
+                device: str | torch.device = "cpu") -> VQVAE:
+    """Train and return a VQ-VAE in eval mode, on `device`. `bf16=None` picks bf16 autocast
+    where the hardware has native bf16 (bf16_autocast_helps on CPU; any bf16 GPU).
+
+    The image pool, the augmentation and every random draw stay on the CPU (one generator),
+    so a run's batches do not depend on the device; the batch then moves to it."""
+    device = torch.device(device)
     steps = cfg.train_steps if steps is None else steps
-    bf16 = bf16_autocast_helps() if bf16 is None else bf16
+    if bf16 is None:
+        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else bf16_autocast_helps()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     pool = _image_pool(dataset, POOL_MAX)
     if pool.shape[-1] != cfg.image_size:
         raise ValueError(f"dataset images are {pool.shape[-1]}px but the config expects "
                          f"{cfg.image_size}px; build the dataset with image_size={cfg.image_size}")
-    model = VQVAE(cfg, codebook_size).train()
+    model = VQVAE(cfg, codebook_size).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     last_hit = torch.zeros(codebook_size, dtype=torch.long)
     recent_latents, recent_err = [], []
@@ -103,9 +109,10 @@ def train_vqvae(cfg: ImageConfig, codebook_size: int, dataset, steps: int | None
         if perm.any():
             order = torch.stack([torch.randperm(3, generator=gen) for _ in range(int(perm.sum()))])
             x[perm] = torch.gather(x[perm], 1, order[:, :, None, None].expand(-1, -1, *x.shape[2:]))
+        x = x.to(device)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, cfg.lr)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             recon, codes, commit, flat, err = model(x)
         mse = torch.nn.functional.mse_loss(recon.float(), x)
         loss = mse + COMMITMENT * commit
@@ -113,7 +120,7 @@ def train_vqvae(cfg: ImageConfig, codebook_size: int, dataset, steps: int | None
         loss.backward()
         opt.step()
 
-        last_hit[codes.flatten().unique()] = step
+        last_hit[codes.flatten().unique().cpu()] = step
         recent_latents.append(flat)
         recent_err.append(err)
         if len(recent_latents) > 4:

@@ -144,9 +144,11 @@ class VectorQuantizer(nn.Module):
         not onto the white background that dominates every batch."""
         if dead.numel() == 0:
             return
-        idx = torch.multinomial(weights.float() + 1e-12, dead.numel(),
+        # drawn on the CPU, with the trainer's CPU generator, wherever the codebook lives
+        idx = torch.multinomial(weights.float().cpu() + 1e-12, dead.numel(),
                                 replacement=weights.numel() < dead.numel(), generator=generator)
-        new = candidates[idx].float()
+        new = candidates[idx.to(candidates.device)].float()
+        dead = dead.to(self.embed.device)
         self.embed[dead] = new
         self.ema_sum[dead] = new
         self.ema_size[dead] = 1.0
@@ -200,8 +202,8 @@ class VQVAE(nn.Module):
         path = Path(path)
         meta = {"image_config": json.dumps(self.cfg.__dict__), "codebook_size": str(self.codebook_size)}
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp),
-                  metadata=meta)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(tmp), metadata=meta)
         tmp.replace(path)
 
     @classmethod

@@ -72,3 +72,18 @@ def test_pil_round_trip():
     t = torch.rand(3, 3, 32, 32)
     back = images_to_tensor(tensor_to_images(t))
     assert back.shape == t.shape and torch.allclose(back, t, atol=1 / 255)
+
+
+@pytest.mark.cuda
+def test_training_on_the_gpu(images, tmp_path):
+    # what build_vqvae does on a GPU machine: train there, use there, save from there
+    vq = train_vqvae(CFG, CODES, ShapesDataset("train", 32, 300), seed=0, progress=False,
+                     device="cuda")
+    assert vq.quantizer.embed.is_cuda
+    untrained = VQVAE(CFG, CODES).eval()
+    err = ((vq.decode(vq.encode(images)).cpu() - images) ** 2).mean()
+    assert err < 0.5 * ((untrained.decode(untrained.encode(images)) - images) ** 2).mean()
+    assert vq.encode(images).is_cuda  # inputs from the CPU move to the codebook's device
+    vq.save(tmp_path / "vq.safetensors")
+    back = VQVAE.load(tmp_path / "vq.safetensors", CFG, CODES)
+    assert torch.equal(back.quantizer.embed, vq.quantizer.embed.cpu())
