@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,12 +33,20 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # ~45 s: two short runs, each with its own tokenizers, and two tunings
+@pytest.mark.slow  # ~45 s: tokenizers built once, three short runs, two tunings
 def test_two_processes_train_like_one_resume_and_tune(tmp_path):
-    one = _train(tmp_path / "one", "--steps", "5")
-    assert one.returncode == 0, one.stderr[-3000:]
+    # Rank 0 builds the tokenizers, the corpus and the judge while rank 1 waits; both runs
+    # compared below then start from those same artifacts (loaded, so that the model's
+    # initialisation sees the same random state), and only the training is compared.
+    built = _train(tmp_path / "built", "--steps", "1", procs=2)
+    assert built.returncode == 0, built.stderr[-3000:]
+    for run in ("one", "two"):
+        for part in ("tokenizer", "data", "eval"):
+            shutil.copytree(tmp_path / "built" / part, tmp_path / run / part)
     two = _train(tmp_path / "two", "--steps", "5", procs=2)
     assert two.returncode == 0, two.stderr[-3000:]
+    one = _train(tmp_path / "one", "--steps", "5")
+    assert one.returncode == 0, one.stderr[-3000:]
     assert two.stderr.count("== model") == 1, "only rank 0 logs"
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_00000005"]
     torch.testing.assert_close(torch.tensor(_losses(tmp_path / "two")),
