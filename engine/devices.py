@@ -1,5 +1,6 @@
-"""A requested device checked up front, so that `--device cuda` on a machine without a GPU
-is one clear sentence before any work starts instead of torch's assertion deep inside it."""
+"""A requested device (and inference dtype) checked up front, so that `--device cuda` on a
+machine without a GPU is one clear sentence before any work starts instead of torch's
+assertion deep inside it."""
 from __future__ import annotations
 
 import torch
@@ -24,3 +25,15 @@ def check_device(name: str | torch.device | None) -> None:
         raise ValueError(f"device {name!r}: {why} (torch {torch.__version__}); use cpu")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA GPUs")
+
+
+# The weights (and KV cache) inference runs in; the logits are fp32 either way.
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def inference_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in INFERENCE_DTYPES.values():
+        return dtype
+    if dtype in INFERENCE_DTYPES:
+        return INFERENCE_DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r}: inference runs in {' or '.join(INFERENCE_DTYPES)}")

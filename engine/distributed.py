@@ -60,7 +60,8 @@ class DataParallel:
                              f"{self.world} processes (each trains batch_size / world rows)")
 
     def device(self, requested: str | None) -> torch.device:
-        """The process's device: its own GPU under torchrun on a GPU machine."""
+        """The device asked for, or by default the GPU when there is one; under torchrun on a
+        GPU machine, the process's own GPU."""
         if requested not in (None, "cuda") or not torch.cuda.is_available():
             return torch.device(requested or "cpu")
         return torch.device("cuda", self.local_rank) if self.active else torch.device("cuda")

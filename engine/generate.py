@@ -21,6 +21,7 @@ from pathlib import Path
 
 
 from engine.checkpoint import CheckpointError
+from engine.devices import INFERENCE_DTYPES
 from engine.inference.params import MAX_N
 
 GRID_COLUMNS = 8
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="PNG file to write (image outputs)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    ap.add_argument("--dtype", default="float32", choices=list(INFERENCE_DTYPES),
                     help="the model's weights and KV cache (default float32)")
     return ap.parse_args(argv)
 
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
-        from engine.inference import Engine, SamplingParams
+        from engine.inference import Engine
         modality = output_modality(args)
         prompt = build_prompt(args)
         engine = Engine.from_run(args.run, args.device, dtype=args.dtype)
@@ -146,19 +147,13 @@ def main(argv=None) -> int:
             from engine.retrieval.generation import RetrievalEngine
             from engine.retrieval.online import Retriever
             engine = RetrievalEngine(engine, Retriever.from_run(args.run), args.retrieve)
+        from engine.inference.params import with_run_defaults
         from engine.run_artifacts import RunDir
-        s = RunDir(args.run).load_config().sample
-        # Guidance only acts inside image spans; text outputs default to none so captioning
-        # and answers do not pay for unconditional rows.
-        default_cfg = s.cfg_scale if modality == "image" else 1.0
-        params = SamplingParams(
-            cfg_scale=default_cfg if args.cfg is None else args.cfg,
-            image_cfg_scale=args.image_cfg,
-            cd_k=parse_cd_k(args.cd_k),
-            temperature=s.temperature if args.temperature is None else args.temperature,
-            top_p=s.top_p if args.top_p is None else args.top_p,
-            top_k=s.top_k if args.top_k is None else args.top_k,
-            n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens, modality=modality)
+        params = with_run_defaults(
+            RunDir(args.run).load_config().sample, modality, cfg_scale=args.cfg,
+            image_cfg_scale=args.image_cfg, cd_k=parse_cd_k(args.cd_k),
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, n=args.n,
+            seed=args.seed, max_new_tokens=args.max_new_tokens)
         [result] = engine.generate([prompt], params)
         what = args.prompt if args.prompt is not None else str(args.image)
         if modality == "image":

@@ -84,7 +84,7 @@ def run_instruction_tuning(cfg: EngineConfig, out: Path, device: str | None = No
     dp.barrier()
     progress = progress and dp.main
     run = RunDir(out)
-    dev = dp.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = dp.device(device)  # default: the GPU when there is one
     torch.manual_seed(cfg.train.seed)
     vocab = Vocab.from_config(cfg.vocab)
     text = TextTokenizer.load(run.bpe, vocab)

@@ -33,7 +33,7 @@ def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume
     from engine.trainer import train_model
 
     run = RunDir(out)
-    dev = dp.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = dp.device(device)  # default: the GPU when there is one
     torch.manual_seed(cfg.train.seed)
     vocab = Vocab.from_config(cfg.vocab)
     timings = {}

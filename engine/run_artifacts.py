@@ -89,16 +89,13 @@ def build_classifier(run: RunDir, cfg: EngineConfig, progress: bool = True):
     return clf
 
 
-INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def load_for_inference(run_dir: str | Path, device: str | torch.device = "cpu",
                        dtype: str | torch.dtype = "float32"):
     """(config, model in eval mode, DocumentTokenizer) from a finished or running run; the
     model holds the latest checkpoint's EMA weights where training kept them, in `dtype`
     ("float32" or "bfloat16": half the memory, and faster where the hardware has bf16; the
     KV cache follows the weights, the logits are fp32 either way)."""
-    from engine.devices import check_device
+    from engine.devices import check_device, inference_dtype
     from engine.model import Transformer
     from engine.tokenizer.vqvae import VQVAE
     check_device(device)
@@ -118,10 +115,3 @@ def load_for_inference(run_dir: str | Path, device: str | torch.device = "cpu",
     tok = DocumentTokenizer(vocab, text, vq, cfg.image.tokens_per_image)
     return cfg, model, tok
 
-
-def inference_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in INFERENCE_DTYPES.values():
-        return dtype
-    if dtype in INFERENCE_DTYPES:
-        return INFERENCE_DTYPES[dtype]
-    raise ValueError(f"dtype {dtype!r}: inference runs in {' or '.join(INFERENCE_DTYPES)}")

@@ -13,7 +13,8 @@ POST /v1/generate with a JSON object:
 answers {"output": ..., "samples": [{"text", "image" (base64 PNG or null), "token_ids",
 "finish_reason", "score"}]}. GET /health answers {"status": "ok", "run", "device", "dtype"}.
 A bad request is a 400 with {"error": "..."} (the engine's own message); an unknown path a 404;
-a body over 16 MiB a 413.
+a body over 16 MiB a 413. A batch that fails is rerun one request at a time, so a request
+that cannot run fails alone.
 
 Batching: one worker thread owns the engine. Requests without a seed that are waiting when it
 becomes free, and ask for the same settings (modality, n, sampling fields), run as one
@@ -38,6 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from engine.checkpoint import CheckpointError
+from engine.devices import INFERENCE_DTYPES
 
 MAX_BODY = 16 * 2**20
 FIELDS = {"prompt", "image", "output", "n", "seed", "cfg_scale", "image_cfg_scale", "cd_k",
@@ -63,7 +65,7 @@ class Service:
 
     def generate(self, request: dict) -> dict:
         from engine.generate import output_modality
-        from engine.inference import SamplingParams
+        from engine.inference.params import with_run_defaults
         unknown = set(request) - FIELDS
         if unknown:
             raise BadRequest(f"unknown fields {sorted(unknown)}; known: {sorted(FIELDS)}")
@@ -78,21 +80,16 @@ class Service:
             raise BadRequest(f"output must be \"image\" or \"text\"; got {output!r}")
         modality = output_modality(SimpleNamespace(output=output, prompt=prompt,
                                                    image=None if image is None else "sent"))
-        s = self.defaults
         cd_k = request.get("cd_k")
-        seed = request.get("seed")
-        params = SamplingParams(
-            cfg_scale=request.get("cfg_scale", s.cfg_scale if modality == "image" else 1.0),
-            image_cfg_scale=request.get("image_cfg_scale"),
-            cd_k=None if cd_k is None else _cd_k(cd_k),
-            temperature=request.get("temperature", s.temperature),
-            top_p=request.get("top_p", s.top_p), top_k=request.get("top_k", s.top_k),
-            n=request.get("n", 1), seed=0 if seed is None else seed,
-            max_new_tokens=request.get("max_new_tokens"), modality=modality)
-        params.validate()
+        sampling = {k: request.get(k) for k in ("cfg_scale", "image_cfg_scale", "temperature",
+                                                "top_p", "top_k", "n", "seed",
+                                                "max_new_tokens")}
+        params = with_run_defaults(self.defaults, modality, **sampling,
+                                   cd_k=None if cd_k is None else _cd_k(cd_k))
+        params.validate()  # before the batcher keys on it
         items = [x for x in (image, prompt) if x is not None]
-        self.engine.prepare(items, params)  # a prompt that cannot run fails here, alone
-        result = self.batcher.submit(items, params, seeded=seed is not None).result()
+        seeded = request.get("seed") is not None
+        result = self.batcher.submit(items, params, seeded).result()
         return {"output": modality, "samples": [
             {"text": smp.text, "image": _png(smp.images[0]) if smp.images else None,
              "token_ids": smp.token_ids, "finish_reason": smp.finish_reason,
@@ -137,8 +134,11 @@ class Batcher:
         try:
             results = self.engine.generate([items for items, *_ in jobs], params)
         except Exception as exc:  # noqa: BLE001 (handed to the requests, raised there)
-            for *_, done in jobs:
-                done.set_exception(exc)
+            if len(jobs) > 1:  # one request's prompt may be the cause: each on its own
+                for job in jobs:
+                    self._run([job])
+                return
+            jobs[0][3].set_exception(exc)
             return
         for (*_, done), result in zip(jobs, results):
             done.set_result(result)
@@ -147,17 +147,14 @@ class Batcher:
 def _image(data):
     if data is None:
         return None
-    from PIL import Image, UnidentifiedImageError
+    from engine.inference.prompts import read_image
     if not isinstance(data, str):
         raise BadRequest("image must be a base64 string")
     try:
         raw = base64.b64decode(data, validate=True)
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            return im.copy()
-    except (ValueError, UnidentifiedImageError):
-        raise BadRequest("image is not a base64-encoded image PIL can read (PNG, JPEG, BMP, "
-                         "GIF, WebP or TIFF)") from None
+    except ValueError:
+        raise BadRequest("image is not valid base64") from None
+    return read_image(io.BytesIO(raw), "the image sent")
 
 
 def _cd_k(value) -> tuple[float, int]:
@@ -227,7 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=list(INFERENCE_DTYPES))
     ap.add_argument("--max-batch", type=int, default=32,
                     help="most waiting requests run in one engine call (each brings its n "
                          "samples, twice over with CFG); 1 = one call per request")

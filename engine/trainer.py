@@ -183,10 +183,9 @@ def _forward_backward(step_fn, batch, cfg: TrainConfig, device, use_bf16: bool, 
     micro = cfg.micro_batch_size or rows
     parts = [batch] if micro >= rows else [batch.rows(r, min(r + micro, rows))
                                            for r in range(0, rows, micro)]
-    single = len(parts) == 1 and not dp.active
     loss_sum = None
     for i, part in enumerate(parts):
-        weight = 1.0 if single else part.num_targets / total * dp.world
+        weight = part.num_targets / total * dp.world  # exactly 1 for a whole batch
         part = part.to(device)
         # DDP reduces gradients once per step: on the last part's backward
         last = i == len(parts) - 1
@@ -194,22 +193,14 @@ def _forward_backward(step_fn, batch, cfg: TrainConfig, device, use_bf16: bool, 
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = step_fn(part.ids, part.positions, part.cu_seqlens, part.targets)
-            if single:
-                _check_finite(loss, step)
-                loss.backward()
-                return loss
             (loss * weight).backward()
         share = loss.detach() * (weight / dp.world)
         loss_sum = share if loss_sum is None else loss_sum + share
     loss_sum = dp.sum(loss_sum)
-    _check_finite(loss_sum, step)  # before the optimizer step: no update is applied
-    return loss_sum
-
-
-def _check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr "
+    if not torch.isfinite(loss_sum):  # before the optimizer step: no update is applied
+        raise FloatingPointError(f"loss is {loss_sum.item()} at step {step}: lower --lr "
                                  "or resume from the last checkpoint")
+    return loss_sum
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:

@@ -26,7 +26,7 @@ from kernels.span_cross_entropy import _capped
 
 # One program per row walks V in blocks of BLOCK columns, twice when it writes the gradient;
 # the pass is memory-bound, so what matters is bytes in flight per SM. 4,096 columns over 8
-# warps (16 values a thread) compiles for sm_90 to 64-80 registers without spills: 3-4
+# warps (16 values a thread) compiles for sm_90 to 64-80 registers without spills (ptxas -v): 3-4
 # programs per SM, 24-32 KiB of bf16 loads in flight. 8,192 columns took 128-170 registers,
 # one or two programs and 16-32 KiB. The pass reads each row twice and writes it once, ~5%
 # of the block's three matmuls at d=4,096 even if every read came from HBM. The interpreter

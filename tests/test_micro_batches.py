@@ -64,3 +64,14 @@ def test_training_curve_does_not_depend_on_the_micro_batch(tmp_path):
 def test_negative_micro_batch_is_refused():
     with pytest.raises(ValueError, match="micro_batch_size"):
         TrainConfig(micro_batch_size=-1)
+
+
+@pytest.mark.parametrize("micro", [0, 2])
+def test_a_non_finite_loss_is_an_error(micro):
+    batch = Packer(_docs(2), VOCAB, 64).next_batch(4)
+    model = _model()
+    with torch.no_grad():
+        model.blocks[0].fc1.weight[0, 0] = float("nan")
+    cfg = dataclasses.replace(TrainConfig(), batch_size=4, micro_batch_size=micro)
+    with pytest.raises(FloatingPointError, match="at step 3"):  # raised before optim.step
+        _forward_backward(_LossStep(model), batch, cfg, torch.device("cpu"), False, 3)

@@ -79,6 +79,7 @@ def test_an_image_alone_is_captioned_and_a_question_answered(url):
     ({"prompt": "x", "top_p": 2}, "top_p"),
     ({"prompt": "x", "output": "video"}, "output must"),
     ({"image": "not base64!"}, "base64"),
+    ({"image": base64.b64encode(b"not an image").decode()}, "not an image file"),
     ({"prompt": "x", "cd_k": 3}, "cd_k takes"),
     ({"prompt": "a red circle " * 40}, "context"),
 ])
@@ -111,7 +112,7 @@ class FakeEngine:
         if len(self.calls) == 1:
             self.inside.set()
             self.release.wait(10)
-        if self.fail and len(self.calls) > 1:
+        if self.fail and any(p[0] == "bad" for p in prompts):
             raise ValueError("the model refused")
         return [f"result of {p[0]}" for p in prompts]
 
@@ -139,17 +140,20 @@ def test_waiting_requests_with_the_same_settings_share_a_call():
     assert engine.calls[3][2] == 2
 
 
-def test_a_failing_call_fails_its_requests_only():
+def test_a_request_that_cannot_run_fails_alone():
+    # it waits in a batch with a good one: the failed call is rerun one request at a time
     from engine.serve import Batcher
     engine = FakeEngine(fail=True)
     batcher = Batcher(engine, max_batch=32)
-    ok = batcher.submit(["a"], _params(), seeded=False)
+    first = batcher.submit(["a"], _params(), seeded=False)
     assert engine.inside.wait(10)
-    bad = batcher.submit(["b"], _params(), seeded=False)
+    bad = batcher.submit(["bad"], _params(), seeded=False)
+    good = batcher.submit(["b"], _params(), seeded=False)
     engine.release.set()
-    assert ok.result(10) == "result of a"
+    assert first.result(10) == "result of a" and good.result(10) == "result of b"
     with pytest.raises(ValueError, match="refused"):
         bad.result(10)
+    assert [p for p, _, _ in engine.calls] == [["a"], ["bad", "b"], ["bad"], ["b"]]
 
 
 @pytest.mark.cuda

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from engine.devices import INFERENCE_DTYPES
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m engine.eval.evaluate_run", description=__doc__,
@@ -26,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     ap.add_argument("--grids", type=Path, default=None, help="write grid_cfg<scale>.png here")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    ap.add_argument("--dtype", default="float32", choices=list(INFERENCE_DTYPES),
                     help="the model's weights and KV cache")
     return ap.parse_args(argv)
 

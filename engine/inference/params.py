@@ -74,6 +74,17 @@ class SamplingParams:
         return self.cd_k is not None or self.cfg_scale != 1.0 or self.image_cfg_scale is not None
 
 
+def with_run_defaults(sample, modality: str, **given) -> SamplingParams:
+    """SamplingParams for `modality`: every field given (not None) as given; guidance,
+    temperature, TopP and TopK not given from a run's `sample` config section, except that
+    text outputs get no guidance (it only acts inside image spans, and unguided text does not
+    pay for unconditional rows); the rest as SamplingParams' defaults."""
+    run = {"cfg_scale": sample.cfg_scale if modality == "image" else 1.0,
+           "temperature": sample.temperature, "top_p": sample.top_p, "top_k": sample.top_k}
+    asked = {name: value for name, value in given.items() if value is not None}
+    return SamplingParams(modality=modality, **{**run, **asked})
+
+
 @dataclass
 class Sample:
     """One generated continuation. `token_ids` are the sampled ids (forced ones included,

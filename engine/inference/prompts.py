@@ -67,12 +67,18 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
+    return read_image(path, str(path))
+
+
+def read_image(source, name: str) -> Image.Image:
+    """The image in `source` (a path or a binary file object), decoded in full; `name` says
+    which input it was when PIL cannot read it."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             return im.copy()
     except UnidentifiedImageError:
-        raise ValueError(f"{path} is not an image file PIL can read (use PNG, JPEG, BMP, GIF, "
+        raise ValueError(f"{name} is not an image file PIL can read (use PNG, JPEG, BMP, GIF, "
                          "WebP or TIFF)") from None
 
 

@@ -281,11 +281,14 @@ def _same_dtype(hidden, weight, *_args, **_kwargs) -> str | None:
     return None
 
 
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what both Triton kernels take
+
+
 def _chunked_supports(hidden, weight, *args, **kwargs) -> str | None:
     if hidden.device.type == "cuda":
         if _rows_kernel is None:
             return f"its CUDA row pass needs Triton ({_ROWS_IMPORT_ERROR})"
-        if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if hidden.dtype not in TRITON_DTYPES:
             return f"its CUDA row pass takes fp32/fp16/bf16; got {hidden.dtype}"
     return _same_dtype(hidden, weight, *args, **kwargs)
 
@@ -294,7 +297,7 @@ def _triton_supports(hidden, weight, *_args, **_kwargs) -> str | None:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if hidden.device.type != "cuda" and not interpreted:
         return f"needs CUDA tensors (or TRITON_INTERPRET=1); got {hidden.device.type}"
-    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if hidden.dtype not in TRITON_DTYPES:
         return f"dtype {hidden.dtype} is not fp32/fp16/bf16"
     if hidden.device.type != "cuda" and hidden.dtype == torch.bfloat16:
         return "the Triton interpreter computes bf16 dots wrongly; use fp32/fp16 on CPU"
