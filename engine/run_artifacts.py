@@ -3,6 +3,7 @@
 RUN/config.json                     the EngineConfig
 RUN/tokenizer/bpe.json              byte-level BPE (Hugging Face tokenizers JSON)
 RUN/tokenizer/vqvae.safetensors     the VQ-VAE image tokenizer
+RUN/tokenizer/vqvae.training.pt     its training state while it trains (engine/tokenizer/vq_state.py)
 RUN/eval/shape_classifier.safetensors  the shape judge used by the evaluation
 RUN/data/train.safetensors          the tokenised training corpus
 RUN/checkpoints/step_*/             model + optimizer (engine.checkpoint)
@@ -33,6 +34,7 @@ class RunDir:
     config = property(lambda self: self.root / "config.json")
     bpe = property(lambda self: self.root / "tokenizer" / "bpe.json")
     vqvae = property(lambda self: self.root / "tokenizer" / "vqvae.safetensors")
+    vqvae_training = property(lambda self: self.root / "tokenizer" / "vqvae.training.pt")
     classifier = property(lambda self: self.root / "eval" / "shape_classifier.safetensors")
     corpus = property(lambda self: self.root / "data" / "train.safetensors")
     metrics = property(lambda self: self.root / "metrics.jsonl")
@@ -61,18 +63,25 @@ def build_text_tokenizer(run: RunDir, cfg: EngineConfig, dataset) -> TextTokeniz
 def build_vqvae(run: RunDir, cfg: EngineConfig, dataset, progress: bool = True,
                 device: str | torch.device = "cpu"):
     """The run's VQ-VAE on `device`: trained there (the pipeline passes its device, so a GPU
-    machine trains and uses its image tokenizer on the GPU), or loaded when it exists."""
+    machine trains and uses its image tokenizer on the GPU), or loaded when it exists.
+    Ctrl-C / SIGTERM stops its training at the end of a step with its state saved, and the
+    next build (--resume) continues from there, as does one after a crash (state saved every
+    few minutes)."""
+    from engine.stop_request import StopRequests
     from engine.tokenizer.vq_train import train_vqvae
     from engine.tokenizer.vqvae import VQVAE
     if run.vqvae.is_file():
         return VQVAE.load(run.vqvae, cfg.image, cfg.vocab.image_codes).to(device)
     t0 = time.time()
-    vq = train_vqvae(cfg.image, cfg.vocab.image_codes, dataset, seed=cfg.train.seed,
-                     progress=progress, device=device)
+    with StopRequests() as stop:
+        vq = train_vqvae(cfg.image, cfg.vocab.image_codes, dataset, seed=cfg.train.seed,
+                         progress=progress, device=device, state_path=run.vqvae_training,
+                         stop=stop)
     run.vqvae.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.vqvae.with_suffix(".tmp")
     vq.save(tmp)
     tmp.replace(run.vqvae)
+    run.vqvae_training.unlink(missing_ok=True)  # only once the tokenizer itself is on disk
     log.info("VQ-VAE trained in %.0f s", time.time() - t0)
     return vq
 

@@ -2,7 +2,8 @@
 
 Ctrl-C (SIGINT) or SIGTERM (what a job scheduler sends before it preempts) asks the training
 loop to stop at the end of the step it is in: the loop writes a checkpoint there and raises
-TrainingStopped, and `--resume` continues from that step. Stopping between steps, rather than
+TrainingStopped, and `--resume` continues from that step. The VQ-VAE tokenizer's training loop
+(engine/tokenizer/vq_train.py) stops the same way. Stopping between steps, rather than
 where the signal lands, never saves a half-applied optimizer update. A second signal
 interrupts at once, as Python's default Ctrl-C does.
 """
@@ -16,11 +17,13 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingStopped(Exception):
-    """The loop stopped on request after `step` steps; a checkpoint holds them."""
+    """A loop stopped on request after `step` steps; a checkpoint holds them. `stage` names
+    the loop when it is not the model's (the VQ-VAE's)."""
 
-    def __init__(self, step: int, signal_name: str):
-        super().__init__(f"stopped by {signal_name} after step {step} (checkpoint saved)")
-        self.step, self.signal_name = step, signal_name
+    def __init__(self, step: int, signal_name: str, stage: str | None = None):
+        where = f"step {step}" if stage is None else f"{stage} step {step}"
+        super().__init__(f"stopped by {signal_name} after {where} (checkpoint saved)")
+        self.step, self.signal_name, self.stage = step, signal_name, stage
 
     @property
     def exit_code(self) -> int:

@@ -8,7 +8,7 @@ prompt accuracy.
 
   python -m engine.train                              # tiny preset on the built-in shapes data
   python -m engine.train --preset cm3leon-7b --dry-run
-  python -m engine.train --out runs/a --resume        # continue from the latest checkpoint
+  python -m engine.train --out runs/a --resume        # continue where runs/a stopped
   python -m engine.train --set train.lr=1e-3 --set model.n_layers=6
   python -m engine.train --out runs/rag --retrieve 2 --set model.max_seq_len=384
   python -m engine.train --sft-from runs/tiny         # instruction tuning into runs/tiny-sft
@@ -16,8 +16,9 @@ prompt accuracy.
 --sft-from RUN instruction-tunes RUN's model (text -> image, captioning, question answering,
 editing; loss on the outputs only) into a run directory of its own (engine/instruction_tuning.py).
 
-Ctrl-C (or SIGTERM) during model training stops at the end of the step with a checkpoint;
---resume continues from there. A second Ctrl-C stops at once.
+Ctrl-C (or SIGTERM) during the VQ-VAE's or the model's training stops at the end of the step
+with a checkpoint; --resume continues from there (and from the VQ-VAE's periodic save, or the
+first unfinished stage, after a crash). A second Ctrl-C stops at once.
 
   torchrun --standalone --nproc_per_node 8 -m engine.train --preset cm3leon-350m --out runs/350m
 
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 from engine import distributed
-from engine.checkpoint import CheckpointError, latest_checkpoint
+from engine.checkpoint import CheckpointError
 from engine.config import PRESETS, EngineConfig, get_preset
 from engine.data.corpus import DATASETS
 from engine.devices import check_device
@@ -58,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="instruction-tune the model of the finished run RUN (its config, "
                          "tokenizers and weights; --steps and --set then change the tuning)")
     ap.add_argument("--steps", type=int, default=None, help="model training steps (default: the preset's)")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped: its "
+                    "finished stages are kept, training goes on from the latest checkpoint")
     ap.add_argument("--dry-run", action="store_true",
                     help="build the model on the meta device, print config and parameter count, exit")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -130,8 +132,9 @@ def prepare_run_dir(args, cfg: EngineConfig) -> EngineConfig:
     from engine.run_artifacts import RunDir
     run = RunDir(args.out)
     if args.resume:
+        # A run stopped before its first model checkpoint (in the tokenizer stage, say) has
+        # only its config and finished stages: it resumes from its first unfinished stage.
         saved = run.load_config()               # clear error when --out is not a run
-        latest_checkpoint(run.root)             # clear error when there is nothing to resume
         saved.train.steps = cfg.train.steps if args.steps is not None else saved.train.steps
         return saved
     if run.config.is_file():

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from engine.config import ImageConfig
+from engine.stop_request import StopRequests, TrainingStopped
+from engine.tokenizer.vq_state import VQTrainingState, load_state, save_state
 from engine.tokenizer.vqvae import VQVAE
 
 COMMITMENT = 0.25
@@ -24,6 +27,8 @@ DEAD_AFTER = 100            # steps without a hit before a code counts as dead: 
 RESTART_UNTIL = 0.85        # fraction of training after which the codebook is left to settle
 WARMUP_FRACTION = 0.03
 POOL_MAX = 20_000           # images rendered up front; batches are drawn from this pool
+SAVE_EVERY_S = 600.0        # with a state_path, the state is also saved this often (wall
+                            # time), so a crash or a kill without warning loses at most this
 
 
 def bf16_autocast_helps() -> bool:
@@ -73,12 +78,21 @@ def psnr_db(mse: float) -> float:
 
 def train_vqvae(cfg: ImageConfig, codebook_size: int, dataset, steps: int | None = None,
                 seed: int = 0, progress: bool = True, bf16: bool | None = None,
-                device: str | torch.device = "cpu") -> VQVAE:
+                device: str | torch.device = "cpu", state_path: str | Path | None = None,
+                stop: StopRequests | None = None, save_every_s: float = SAVE_EVERY_S) -> VQVAE:
     """Train and return a VQ-VAE in eval mode, on `device`. `bf16=None` picks bf16 autocast
     where the hardware has native bf16 (bf16_autocast_helps on CPU; any bf16 GPU).
 
     The image pool, the augmentation and every random draw stay on the CPU (one generator),
-    so a run's batches do not depend on the device; the batch then moves to it."""
+    so a run's batches do not depend on the device; the batch then moves to it.
+
+    With `state_path` the loop's whole state (engine/tokenizer/vq_state.py) is saved there
+    every `save_every_s` seconds and when `stop` (a StopRequests) has a reason, which then
+    raises TrainingStopped; a later call with the same path and settings resumes from it and
+    ends with the weights an uninterrupted run would have. The caller deletes the file once
+    it has kept the result."""
+    if stop is not None and state_path is None:
+        raise ValueError("stopping the VQ-VAE training on request needs a state_path to save to")
     device = torch.device(device)
     steps = cfg.train_steps if steps is None else steps
     if bf16 is None:
@@ -91,11 +105,15 @@ def train_vqvae(cfg: ImageConfig, codebook_size: int, dataset, steps: int | None
                          f"{cfg.image_size}px; build the dataset with image_size={cfg.image_size}")
     model = VQVAE(cfg, codebook_size).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    last_hit = torch.zeros(codebook_size, dtype=torch.long)
-    recent_latents, recent_err = [], []
-    bar = tqdm(range(steps), desc="vq-vae", disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    usage = 0.0
+    if state_path is not None and Path(state_path).is_file():
+        st = load_state(state_path, model, opt, gen, steps, seed, cfg)
+    else:
+        st = VQTrainingState(last_hit=torch.zeros(codebook_size, dtype=torch.long))
+    last_hit, recent_latents, recent_err = st.last_hit, st.recent_latents, st.recent_err
+    usage = st.usage
+    bar = tqdm(range(st.step, steps), initial=st.step, total=steps, desc="vq-vae",
+               disable=not progress, dynamic_ncols=True)
+    start = last_save = time.perf_counter()
     for step in bar:
         idx = torch.randint(len(pool), (cfg.batch_size,), generator=gen)
         x = pool[idx].float().div_(255)
@@ -136,6 +154,17 @@ def train_vqvae(cfg: ImageConfig, codebook_size: int, dataset, steps: int | None
         if progress and (step % 10 == 0 or step == steps - 1):
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr_db(mse.item()):.1f}",
                             usage=f"{usage:.0%}")
+        done = step + 1
+        stopping = stop is not None and stop.reason is not None
+        if state_path is not None and done < steps and \
+                (stopping or time.perf_counter() - last_save >= save_every_s):
+            st.step, st.usage = done, usage
+            st.seconds += time.perf_counter() - start
+            start = last_save = time.perf_counter()
+            save_state(state_path, st, model, opt, gen, steps, seed, cfg)
+            if stopping:
+                bar.close()
+                raise TrainingStopped(done, stop.reason, stage="VQ-VAE")
     bar.close()
-    model.train_seconds = time.perf_counter() - start
+    model.train_seconds = st.seconds + time.perf_counter() - start
     return model.eval()
