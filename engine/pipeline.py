@@ -22,6 +22,16 @@ def _stage(name: str):
     return time.time()
 
 
+def initial_model(cfg: EngineConfig, vocab_size: int):
+    """The run's freshly initialised model. Seeded here, so that its weights depend on the seed
+    alone: the earlier stages draw from the global RNG when they train and not when they are
+    loaded, so without this a run resumed before its first checkpoint started from other
+    weights than a run that never stopped."""
+    from engine.model import Transformer
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(cfg.model, vocab_size)
+
+
 def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume: bool = False,
                  evaluate: bool = True, progress: bool = True,
                  dp: DataParallel = DataParallel()) -> dict:
@@ -29,7 +39,6 @@ def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume
     model while the other processes wait, then they load what it built; all of them train;
     rank 0 alone draws the samples and evaluates (the others return {})."""
     from engine.eval.report import write_loss_curve, write_samples_and_eval
-    from engine.model import Transformer
     from engine.trainer import train_model
 
     run = RunDir(out)
@@ -76,7 +85,7 @@ def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume
 
     where = f"{dp.world} processes ({dev.type})" if dp.active else str(dev)
     t = _stage(f"model: {cfg.preset}, {cfg.train.steps} steps on {where}")
-    model = Transformer(cfg.model, vocab.size)
+    model = initial_model(cfg, vocab.size)
     log.info("%s parameters", f"{model.num_parameters():,}")
     metrics = train_model(model, lambda seed: document_stream(corpus, vocab, cfg.train, cfg.data, seed,
                                                               neighbours),

@@ -95,3 +95,15 @@ def test_tied_embeddings_and_no_biases():
     assert model.lm_head.weight is model.tok_emb.weight
     assert not any(n.endswith("bias") for n, _ in model.named_parameters())
     assert not any("ln" in n for n, _ in model.named_parameters())   # LayerNorm without affine
+
+
+def test_a_runs_initial_weights_depend_on_its_seed_alone():
+    # earlier stages draw from the global RNG only when they train, not when they load
+    from engine.pipeline import initial_model
+    cfg = get_preset("tiny")
+    torch.manual_seed(5)
+    a = initial_model(cfg, 600)
+    torch.randn(1000)  # a stage that trained in this process
+    b = initial_model(cfg, 600)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
