@@ -1,7 +1,9 @@
-"""engine.serve's batching: 16 clients at once, each asking for one image (no seed, the same
-settings), answered one engine call at a time against the batching worker, which runs the
-requests waiting together in one call. The tiny preset's model (4 blocks, d=256) with random
-weights, CFG 3; the VQ decode is included. `x ref` is the one-at-a-time time over the row's.
+"""engine.serve's batching: 16 clients at once, each asking for one image (no seed), answered
+one engine call at a time against the batching worker, which runs the requests waiting
+together in one call. Twice: all with the same settings (CFG 3), and with mixed ones (CFG
+1.5/3/5, top-p 0.8/0.9/1, temperature 1/0.9/0.7 in turn), which also share one call, each
+request sampled with its own. The tiny preset's model (4 blocks, d=256) with random weights;
+the VQ decode is included. `x ref` is the one-at-a-time time over the row's, same settings.
 """
 from __future__ import annotations
 
@@ -36,12 +38,20 @@ def _engine(device) -> Engine:
                   cfg.image.image_size)
 
 
-def _serve_all(engine, max_batch: int) -> float:
+def _settings(client: int, mixed: bool) -> SamplingParams:
+    if not mixed:
+        return SamplingParams(cfg_scale=3.0)
+    k = client % 3
+    return SamplingParams(cfg_scale=(1.5, 3.0, 5.0)[k], top_p=(0.8, 0.9, 1.0)[k],
+                          temperature=(1.0, 0.9, 0.7)[k])
+
+
+def _serve_all(engine, max_batch: int, mixed: bool) -> float:
     batcher = Batcher(engine, max_batch)
-    params = SamplingParams(cfg_scale=3.0)
     prompts = [f"a {COLOURS[i % 4]} {SHAPES[i // 4 % 4]}" for i in range(CLIENTS)]
     start = time.perf_counter()
-    waiting = [batcher.submit([p], params, seeded=False) for p in prompts]
+    waiting = [batcher.submit([p], _settings(i, mixed), seeded=False)
+               for i, p in enumerate(prompts)]
     for done in waiting:
         done.result()
     return (time.perf_counter() - start) * 1e3
@@ -50,10 +60,14 @@ def _serve_all(engine, max_batch: int) -> float:
 def run(quick: bool) -> list[Row]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     engine = _engine(device)
-    _serve_all(engine, 1)  # warm-up
-    timed = {name: min(_serve_all(engine, mb) for _ in range(1 if quick else 3))
-             for name, mb in (("one_at_a_time", 1), ("batched", 32))}
-    case = f"{CLIENTS} clients x 1 image, cfg 3, tiny shapes (random weights)"
-    return [Row("serving", case, name, ms, timed["one_at_a_time"] / ms,
-                extra={"images_per_s": CLIENTS / (ms * 1e-3)}, device=device_name(device))
-            for name, ms in timed.items()]
+    _serve_all(engine, 1, False)  # warm-up
+    rows = []
+    for mixed in (False, True):
+        timed = {name: min(_serve_all(engine, mb, mixed) for _ in range(1 if quick else 3))
+                 for name, mb in (("one_at_a_time", 1), ("batched", 32))}
+        settings = "mixed settings" if mixed else "cfg 3"
+        case = f"{CLIENTS} clients x 1 image, {settings}, tiny shapes (random weights)"
+        rows += [Row("serving", case, name, ms, timed["one_at_a_time"] / ms,
+                     extra={"images_per_s": CLIENTS / (ms * 1e-3)}, device=device_name(device))
+                 for name, ms in timed.items()]
+    return rows

@@ -17,9 +17,10 @@ a body over 16 MiB a 413. A batch that fails is rerun one request at a time, so 
 that cannot run fails alone.
 
 Batching: one worker thread owns the engine. Requests without a seed that are waiting when it
-becomes free, and ask for the same settings (modality, n, sampling fields), run as one
-engine.generate call: their prompts share every forward, under a fresh random seed. A
-request with a seed runs in a call of its own, so the same seed gives the same samples.
+becomes free run as one engine.generate call, whatever they ask for (output, n, sampling
+fields): their prompts share every forward, and each draws from a fresh random seed of its
+own. A request with a seed runs in a call of its own, so the same seed gives the same samples
+(in a batch its logits could differ from a lone run's in the last bits, and so its draws).
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class Service:
                                                 "max_new_tokens")}
         params = with_run_defaults(self.defaults, modality, **sampling,
                                    cd_k=None if cd_k is None else _cd_k(cd_k))
-        params.validate()  # before the batcher keys on it
+        params.validate()  # a bad setting is this request's 400, not its batch's failure
         items = [x for x in (image, prompt) if x is not None]
         seeded = request.get("seed") is not None
         result = self.batcher.submit(items, params, seeded).result()
@@ -117,22 +118,19 @@ class Batcher:
                     batch.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            groups: dict = {}
+            unseeded = [job for job in batch if not job[2]]
+            if unseeded:
+                self._run(unseeded)
             for job in batch:
-                _, params, seeded, _ = job
-                # seeded requests alone (their seed decides their samples); the others by
-                # settings, under one fresh seed
-                key = id(job) if seeded else dataclasses.astuple(params)
-                groups.setdefault(key, []).append(job)
-            for jobs in groups.values():
-                self._run(jobs)
+                if job[2]:
+                    self._run([job])  # alone: its seed decides its samples
 
     def _run(self, jobs: list) -> None:
-        params = jobs[0][1]
-        if not jobs[0][2]:
-            params = dataclasses.replace(params, seed=random.randrange(2**31))
+        # one SamplingParams per request, so each draws from a generator of its own
+        settings = [params if seeded else dataclasses.replace(params, seed=random.randrange(2**31))
+                    for _, params, seeded, _ in jobs]
         try:
-            results = self.engine.generate([items for items, *_ in jobs], params)
+            results = self.engine.generate([items for items, *_ in jobs], settings)
         except Exception as exc:  # noqa: BLE001 (handed to the requests, raised there)
             if len(jobs) > 1:  # one request's prompt may be the cause: each on its own
                 for job in jobs:

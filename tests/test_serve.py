@@ -108,7 +108,8 @@ class FakeEngine:
         self.inside, self.release = threading.Event(), threading.Event()
 
     def generate(self, prompts, params):
-        self.calls.append(([p[0] for p in prompts], params.seed, params.n))
+        assert len(params) == len(prompts), "one SamplingParams per request"
+        self.calls.append(([p[0] for p in prompts], [(sp.seed, sp.n, sp.modality) for sp in params]))
         if len(self.calls) == 1:
             self.inside.set()
             self.release.wait(10)
@@ -122,22 +123,23 @@ def _params(**kw):
     return SamplingParams(**kw)
 
 
-def test_waiting_requests_with_the_same_settings_share_a_call():
+def test_waiting_unseeded_requests_share_a_call_whatever_their_settings():
     from engine.serve import Batcher
     engine = FakeEngine()
     batcher = Batcher(engine, max_batch=32)
     first = batcher.submit(["a"], _params(), seeded=False)
     assert engine.inside.wait(10)
     b = batcher.submit(["b"], _params(), seeded=False)
-    c = batcher.submit(["c"], _params(), seeded=False)
+    c = batcher.submit(["c"], _params(modality="text", cfg_scale=1.0), seeded=False)
     d = batcher.submit(["d"], _params(seed=7), seeded=True)
-    e = batcher.submit(["e"], _params(n=2), seeded=False)
+    e = batcher.submit(["e"], _params(n=2, top_p=0.5), seeded=False)
     engine.release.set()
     assert [f.result(10) for f in (first, b, c, d, e)] == [f"result of {x}" for x in "abcde"]
-    prompts = [p for p, _, _ in engine.calls]
-    assert prompts == [["a"], ["b", "c"], ["d"], ["e"]]
-    assert engine.calls[2][1] == 7, "a seeded request keeps its seed"
-    assert engine.calls[3][2] == 2
+    assert [p for p, _ in engine.calls] == [["a"], ["b", "c", "e"], ["d"]]
+    shared = engine.calls[1][1]
+    assert [(n, modality) for _, n, modality in shared] == [(1, "image"), (1, "text"), (2, "image")]
+    assert len({seed for seed, _, _ in shared}) == 3, "each request draws from a seed of its own"
+    assert engine.calls[2][1] == [(7, 1, "image")], "a seeded request keeps its seed"
 
 
 def test_a_request_that_cannot_run_fails_alone():
@@ -153,7 +155,7 @@ def test_a_request_that_cannot_run_fails_alone():
     assert first.result(10) == "result of a" and good.result(10) == "result of b"
     with pytest.raises(ValueError, match="refused"):
         bad.result(10)
-    assert [p for p, _, _ in engine.calls] == [["a"], ["bad", "b"], ["bad"], ["b"]]
+    assert [p for p, _ in engine.calls] == [["a"], ["bad", "b"], ["bad"], ["b"]]
 
 
 @pytest.mark.cuda

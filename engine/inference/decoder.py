@@ -11,6 +11,11 @@ of that sequence's rows. Inside image spans, guided sequences are sampled from
 sampled plainly. Everything else (text, forced rows) samples its conditional logits alone.
 The sampling calls per step are always made in the same order (plain, then 2-way, then
 3-way), so a seed reproduces a run exactly.
+
+Prompts may bring settings of their own (a SamplingParams and a generator each, as the
+server's batches do): every forward still covers all rows, and the sampling runs once per
+(settings, generator) group, in the order the groups first appear. One SamplingParams and one
+generator for the whole call is a single group, drawn exactly as before.
 """
 from __future__ import annotations
 
@@ -42,6 +47,18 @@ class _Sequence:
         self.prompt_index, self.rows, self.c = prompt_index, rows, constraints
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.drawn: tuple[int, float] = (0, 0.0)   # this step's (token, log-probability)
+
+
+def per_prompt(value, count: int, what: str) -> list:
+    """`value` for each of `count` prompts: a list or tuple must have one entry per prompt;
+    anything else (one SamplingParams, one generator) is shared by all."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{len(value)} {what} for {count} prompts: pass one for all of "
+                             f"them, or one per prompt")
+        return list(value)
+    return [value] * count
 
 
 def token_budget(p: PreparedPrompt, params: SamplingParams, tokens_per_image: int,
@@ -80,24 +97,34 @@ def _branches(p: PreparedPrompt, params: SamplingParams, tokens_per_image: int) 
 
 @torch.no_grad()
 def decode(model: Transformer, vocab: Vocab, tokens_per_image: int, prompts: list[PreparedPrompt],
-           params: SamplingParams, generator: torch.Generator | None = None,
+           params: SamplingParams | list[SamplingParams],
+           generator: torch.Generator | None | list[torch.Generator | None] = None,
            use_cache: bool = True) -> list[Decoded]:
-    """Samples params.n sequences per prompt; returns them prompt-major, sample-minor."""
-    params.validate()
+    """Samples params.n sequences per prompt; returns them prompt-major, sample-minor.
+    `params` and `generator` are each one for all prompts or a list with one per prompt."""
     if not prompts:
         raise ValueError("no prompts given")
-    budgets = [token_budget(p, params, tokens_per_image, model.cfg.max_seq_len) for p in prompts]
+    settings = per_prompt(params, len(prompts), "SamplingParams")
+    generators = per_prompt(generator, len(prompts), "generators")
+    for sp in {id(sp): sp for sp in settings}.values():
+        sp.validate()
+    budgets = [token_budget(p, sp, tokens_per_image, model.cfg.max_seq_len)
+               for p, sp in zip(prompts, settings)]
     rows: list[list[int]] = []
     seqs: list[_Sequence] = []
-    for i, (p, budget) in enumerate(zip(prompts, budgets)):
-        for _ in range(params.n):
+    # (settings, generator) -> (settings, generator, its sequences): sampled together
+    groups: dict[tuple[int, int], tuple[SamplingParams, torch.Generator | None, list]] = {}
+    for i, (p, sp, gen, budget) in enumerate(zip(prompts, settings, generators, budgets)):
+        group = groups.setdefault((id(sp), id(gen)), (sp, gen, []))
+        for _ in range(sp.n):
             idx = {}
-            for name, ids in _branches(p, params, tokens_per_image).items():
+            for name, ids in _branches(p, sp, tokens_per_image).items():
                 idx[name] = len(rows)
                 rows.append(ids)
-            c = SequenceConstraints(vocab, tokens_per_image, params.modality, budget, p.spans,
+            c = SequenceConstraints(vocab, tokens_per_image, sp.modality, budget, p.spans,
                                     last_prompt_token=p.cond[-1])
             seqs.append(_Sequence(i, idx, c))
+            group[2].append(seqs[-1])
 
     was_training = model.training
     model.eval()
@@ -109,10 +136,15 @@ def decode(model: Transformer, vocab: Vocab, tokens_per_image: int, prompts: lis
                 False: text_bans(vocab, allow_sentinels=False).to(device)}
         live = list(seqs)
         while live:
-            drawn = _sample_step(live, logits, params, bans, generator)
+            for sp, gen, members in groups.values():
+                mine = [s for s in members if not s.c.done]
+                if mine:
+                    for s, drawn in zip(mine, _sample_step(mine, logits, sp, bans, gen)):
+                        s.drawn = drawn
             step_tokens: dict[int, int] = {}
             finished: set[int] = set()
-            for s, (tok, lp) in zip(live, drawn):
+            for s in live:
+                tok, lp = s.drawn
                 token, forced = s.c.choose(tok)
                 s.c.push(token)
                 s.tokens.append(token)

@@ -10,6 +10,11 @@
 `prompts` is one prompt or a list of prompts. A str, a PIL image or a path is one prompt; a
 list of str is many text prompts (as in vLLM); any other flat list (str, images, segments,
 MASK) is one mixed-modal prompt; a list of lists is many mixed-modal prompts.
+
+`params` is one SamplingParams for every prompt, or a list with one per prompt (as in vLLM):
+
+    engine.generate(["a red circle", [image, "what colour is the shape?"]],
+                    [SamplingParams(n=4, seed=1), SamplingParams(modality="text", cfg_scale=1)])
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 from PIL import Image
 
 from engine.data.cm3 import undo_cm3
-from engine.inference.decoder import Decoded, decode
+from engine.inference.decoder import Decoded, decode, per_prompt
 from engine.inference.params import GenerationResult, Sample, SamplingParams, Scorer
 from engine.inference.prompts import PreparedPrompt, Prompt, prepare
 from engine.model import Transformer
@@ -67,21 +72,35 @@ class Engine:
     def prepare(self, prompt: Prompt, params: SamplingParams) -> PreparedPrompt:
         return prepare(prompt, self.tok, params.modality, self.image_size)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  scorer: Scorer | None = None, use_cache: bool = True) -> list[GenerationResult]:
-        """One GenerationResult per prompt, each with params.n samples; with a scorer
-        (or the engine's), samples that carry an image are re-ranked best first."""
-        params = params or SamplingParams()
-        params.validate()
-        prepared = [self.prepare(p, params) for p in _as_prompt_list(prompts)]
-        generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        decoded = decode(self.model, self.vocab, self.tokens_per_image, prepared, params,
-                         generator, use_cache=use_cache)
+        """One GenerationResult per prompt, each with its params.n samples; with a scorer
+        (or the engine's), samples that carry an image are re-ranked best first.
+
+        One SamplingParams: the call draws from one generator seeded with its seed. A list
+        (one per prompt): each prompt draws from a generator of its own, seeded with its own
+        seed, while all prompts still share every forward; so a prompt's random draws do not
+        depend on how many others run beside it or what they ask for."""
+        prompt_list = _as_prompt_list(prompts)
+        params = SamplingParams() if params is None else params
+        settings = per_prompt(params, len(prompt_list), "SamplingParams")
+        for sp in settings:
+            sp.validate()
+        if isinstance(params, SamplingParams):
+            generators = torch.Generator(device=self.device).manual_seed(params.seed)
+        else:
+            generators = [torch.Generator(device=self.device).manual_seed(sp.seed)
+                          for sp in settings]
+        prepared = [self.prepare(p, sp) for p, sp in zip(prompt_list, settings)]
+        decoded = decode(self.model, self.vocab, self.tokens_per_image, prepared, settings,
+                         generators, use_cache=use_cache)
         samples = self._samples(prepared, decoded)
         scorer = scorer or self.scorer
         results = []
-        for i, p in enumerate(prepared):
-            mine = samples[i * params.n:(i + 1) * params.n]
+        first = 0
+        for p, sp in zip(prepared, settings):
+            mine, first = samples[first:first + sp.n], first + sp.n
             if scorer is not None and all(s.images for s in mine):
                 for s in mine:
                     s.score = float(scorer(p.text, s.images[0]))
