@@ -18,8 +18,8 @@ that cannot run fails alone.
 
 Batching: one worker thread owns the engine. Requests without a seed that are waiting when it
 becomes free run as one engine.generate call, whatever they ask for (output, n, sampling
-fields): their prompts share every forward, and each draws from a fresh random seed of its
-own. A request with a seed runs in a call of its own, so the same seed gives the same samples
+fields): their prompts share every forward, and those asking for the same settings sample
+together under one fresh random seed (each other setting under its own). A request with a seed runs in a call of its own, so the same seed gives the same samples
 (in a batch its logits could differ from a lone run's in the last bits, and so its draws).
 """
 from __future__ import annotations
@@ -126,9 +126,15 @@ class Batcher:
                     self._run([job])  # alone: its seed decides its samples
 
     def _run(self, jobs: list) -> None:
-        # one SamplingParams per request, so each draws from a generator of its own
-        settings = [params if seeded else dataclasses.replace(params, seed=random.randrange(2**31))
-                    for _, params, seeded, _ in jobs]
+        # Unseeded requests asking for the same settings share one SamplingParams (one fresh
+        # seed), so they sample together in one call a step; other settings get their own.
+        settings, shared = [], {}
+        for _, params, seeded, _ in jobs:
+            if not seeded:
+                key = dataclasses.astuple(dataclasses.replace(params, seed=0))
+                params = shared.setdefault(
+                    key, dataclasses.replace(params, seed=random.randrange(2**31)))
+            settings.append(params)
         try:
             results = self.engine.generate([items for items, *_ in jobs], settings)
         except Exception as exc:  # noqa: BLE001 (handed to the requests, raised there)

@@ -104,12 +104,13 @@ class FakeEngine:
     requests submitted meanwhile are all waiting when the worker comes back."""
 
     def __init__(self, fail=False):
-        self.calls, self.fail = [], fail
+        self.calls, self.objects, self.fail = [], [], fail
         self.inside, self.release = threading.Event(), threading.Event()
 
     def generate(self, prompts, params):
         assert len(params) == len(prompts), "one SamplingParams per request"
         self.calls.append(([p[0] for p in prompts], [(sp.seed, sp.n, sp.modality) for sp in params]))
+        self.objects.append(params)
         if len(self.calls) == 1:
             self.inside.set()
             self.release.wait(10)
@@ -133,12 +134,16 @@ def test_waiting_unseeded_requests_share_a_call_whatever_their_settings():
     c = batcher.submit(["c"], _params(modality="text", cfg_scale=1.0), seeded=False)
     d = batcher.submit(["d"], _params(seed=7), seeded=True)
     e = batcher.submit(["e"], _params(n=2, top_p=0.5), seeded=False)
+    f = batcher.submit(["f"], _params(), seeded=False)
     engine.release.set()
-    assert [f.result(10) for f in (first, b, c, d, e)] == [f"result of {x}" for x in "abcde"]
-    assert [p for p, _ in engine.calls] == [["a"], ["b", "c", "e"], ["d"]]
+    assert [x.result(10) for x in (first, b, c, d, e, f)] == [f"result of {x}" for x in "abcdef"]
+    assert [p for p, _ in engine.calls] == [["a"], ["b", "c", "e", "f"], ["d"]]
     shared = engine.calls[1][1]
-    assert [(n, modality) for _, n, modality in shared] == [(1, "image"), (1, "text"), (2, "image")]
-    assert len({seed for seed, _, _ in shared}) == 3, "each request draws from a seed of its own"
+    assert [(n, modality) for _, n, modality in shared] == [(1, "image"), (1, "text"), (2, "image"),
+                                                            (1, "image")]
+    assert len({seed for seed, _, _ in shared[:3]}) == 3, "other settings, other seeds"
+    together = engine.objects[1]
+    assert together[3] is together[0], "the same settings sample together, as one SamplingParams"
     assert engine.calls[2][1] == [(7, 1, "image")], "a seeded request keeps its seed"
 
 

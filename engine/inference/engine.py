@@ -11,7 +11,8 @@
 list of str is many text prompts (as in vLLM); any other flat list (str, images, segments,
 MASK) is one mixed-modal prompt; a list of lists is many mixed-modal prompts.
 
-`params` is one SamplingParams for every prompt, or a list with one per prompt (as in vLLM):
+`params` is one SamplingParams for every prompt, or a list with one per prompt (as in vLLM);
+each SamplingParams object samples with its own seed:
 
     engine.generate(["a red circle", [image, "what colour is the shape?"]],
                     [SamplingParams(n=4, seed=1), SamplingParams(modality="text", cfg_scale=1)])
@@ -78,20 +79,20 @@ class Engine:
         """One GenerationResult per prompt, each with its params.n samples; with a scorer
         (or the engine's), samples that carry an image are re-ranked best first.
 
-        One SamplingParams: the call draws from one generator seeded with its seed. A list
-        (one per prompt): each prompt draws from a generator of its own, seeded with its own
-        seed, while all prompts still share every forward; so a prompt's random draws do not
-        depend on how many others run beside it or what they ask for."""
+        Every SamplingParams object draws from a generator of its own, seeded with its seed;
+        prompts given the same object (all of them, when one is passed) share it. All
+        prompts share every forward either way. So a prompt with a SamplingParams of its own
+        draws what it would draw alone, whatever runs beside it."""
         prompt_list = _as_prompt_list(prompts)
         params = SamplingParams() if params is None else params
         settings = per_prompt(params, len(prompt_list), "SamplingParams")
         for sp in settings:
             sp.validate()
-        if isinstance(params, SamplingParams):
-            generators = torch.Generator(device=self.device).manual_seed(params.seed)
-        else:
-            generators = [torch.Generator(device=self.device).manual_seed(sp.seed)
-                          for sp in settings]
+        made: dict[int, torch.Generator] = {}   # one per SamplingParams object
+        for sp in settings:
+            if id(sp) not in made:
+                made[id(sp)] = torch.Generator(device=self.device).manual_seed(sp.seed)
+        generators = [made[id(sp)] for sp in settings]
         prepared = [self.prepare(p, sp) for p, sp in zip(prompt_list, settings)]
         decoded = decode(self.model, self.vocab, self.tokens_per_image, prepared, settings,
                          generators, use_cache=use_cache)

@@ -35,6 +35,9 @@ def test_a_prompts_draws_do_not_depend_on_its_neighbours(engine):
     b = engine.generate(["a red circle", "a small green triangle"],
                         [IMAGE, SamplingParams(n=3, seed=1)])[0]
     assert _tokens([a]) == _tokens([b])
+    # prompts given the same object share its generator: the same as passing it once
+    shared = engine.generate(["a red circle", "make it blue"], IMAGE)
+    assert _tokens(engine.generate(["a red circle", "make it blue"], [IMAGE, IMAGE])) == _tokens(shared)
     # and the draws matter: another seed samples other images
     other = engine.generate("a red circle", dataclasses.replace(IMAGE, seed=5))
     assert _tokens(other) != _tokens([a])
