@@ -11,15 +11,20 @@ POST /v1/generate with a JSON object:
   n, seed, cfg_scale, image_cfg_scale, cd_k ([alpha, k]), temperature, top_p, top_k,
   max_new_tokens   as engine.inference.SamplingParams (unset: the run's sampling defaults)
 answers {"output": ..., "samples": [{"text", "image" (base64 PNG or null), "token_ids",
-"finish_reason", "score"}]}. GET /health answers {"status": "ok", "run", "device", "dtype"}.
+"finish_reason", "score"}]}. GET /health answers {"status": "ok", "run", "model", "device",
+"dtype"}.
 A bad request is a 400 with {"error": "..."} (the engine's own message); an unknown path a 404;
 a body over 16 MiB a 413. A batch that fails is rerun one request at a time, so a request
 that cannot run fails alone.
 
+OpenAI's API is served too (GET /v1/models, POST /v1/images/generations and
+/v1/chat/completions; engine/serve_openai.py), for clients written for it.
+
 Batching: one worker thread owns the engine. Requests without a seed that are waiting when it
 becomes free run as one engine.generate call, whatever they ask for (output, n, sampling
 fields): their prompts share every forward, and those asking for the same settings sample
-together under one fresh random seed (each other setting under its own). A request with a seed runs in a call of its own, so the same seed gives the same samples
+together under one fresh random seed (each other setting under its own). A request with a
+seed runs in a call of its own, so the same seed gives the same samples
 (in a batch its logits could differ from a lone run's in the last bits, and so its draws).
 """
 from __future__ import annotations
@@ -43,8 +48,9 @@ from engine.checkpoint import CheckpointError
 from engine.devices import INFERENCE_DTYPES
 
 MAX_BODY = 16 * 2**20
-FIELDS = {"prompt", "image", "output", "n", "seed", "cfg_scale", "image_cfg_scale", "cd_k",
-          "temperature", "top_p", "top_k", "max_new_tokens"}
+SAMPLING = ("n", "seed", "cfg_scale", "image_cfg_scale", "cd_k", "temperature", "top_p", "top_k",
+            "max_new_tokens")
+FIELDS = {"prompt", "image", "output", *SAMPLING}
 
 
 class BadRequest(ValueError):
@@ -55,18 +61,32 @@ class Service:
     """One engine, its run's sampling defaults, and the worker that batches requests."""
 
     def __init__(self, run: Path, device: str | None = None, dtype: str = "float32",
-                 max_batch: int = 32):
+                 max_batch: int = 32, model_name: str | None = None):
         from engine.inference import Engine
         from engine.run_artifacts import RunDir
         self.engine = Engine.from_run(run, device, dtype=dtype)
         self.defaults = RunDir(run).load_config().sample
-        self.info = {"status": "ok", "run": str(run), "device": str(self.engine.device),
-                     "dtype": dtype}
+        self.model_name = model_name or Path(run).resolve().name
+        self.created = int(RunDir(run).config.stat().st_mtime)
+        self.info = {"status": "ok", "run": str(run), "model": self.model_name,
+                     "device": str(self.engine.device), "dtype": dtype}
         self.batcher = Batcher(self.engine, max_batch)
 
-    def generate(self, request: dict) -> dict:
-        from engine.generate import output_modality
+    def run(self, items: list, modality: str, fields: dict):
+        """The engine's GenerationResult for one prompt (`items`: its pictures and text, in
+        order) with the SamplingParams `fields` it gives (unset: the run's defaults), run
+        through the batching worker."""
         from engine.inference.params import with_run_defaults
+        sampling = {k: fields.get(k) for k in SAMPLING}
+        if sampling["cd_k"] is not None:
+            sampling["cd_k"] = _cd_k(sampling["cd_k"])
+        params = with_run_defaults(self.defaults, modality, **sampling)
+        params.validate()  # a bad setting is this request's 400, not its batch's failure
+        return self.batcher.submit(items, params, fields.get("seed") is not None).result()
+
+    def generate(self, request: dict) -> dict:
+        """POST /v1/generate: our own request and answer (the module's docstring)."""
+        from engine.generate import output_modality
         unknown = set(request) - FIELDS
         if unknown:
             raise BadRequest(f"unknown fields {sorted(unknown)}; known: {sorted(FIELDS)}")
@@ -81,16 +101,7 @@ class Service:
             raise BadRequest(f"output must be \"image\" or \"text\"; got {output!r}")
         modality = output_modality(SimpleNamespace(output=output, prompt=prompt,
                                                    image=None if image is None else "sent"))
-        cd_k = request.get("cd_k")
-        sampling = {k: request.get(k) for k in ("cfg_scale", "image_cfg_scale", "temperature",
-                                                "top_p", "top_k", "n", "seed",
-                                                "max_new_tokens")}
-        params = with_run_defaults(self.defaults, modality, **sampling,
-                                   cd_k=None if cd_k is None else _cd_k(cd_k))
-        params.validate()  # a bad setting is this request's 400, not its batch's failure
-        items = [x for x in (image, prompt) if x is not None]
-        seeded = request.get("seed") is not None
-        result = self.batcher.submit(items, params, seeded).result()
+        result = self.run([x for x in (image, prompt) if x is not None], modality, request)
         return {"output": modality, "samples": [
             {"text": smp.text, "image": _png(smp.images[0]) if smp.images else None,
              "token_ids": smp.token_ids, "finish_reason": smp.finish_reason,
@@ -174,6 +185,12 @@ def _png(image) -> str:
 
 
 def make_handler(service: Service):
+    from engine import serve_openai as openai
+    # POST routes: path -> (what answers it, whether its errors take OpenAI's shape)
+    posts = {"/v1/generate": (service.generate, False),
+             "/v1/images/generations": (lambda body: openai.images_generations(service, body), True),
+             "/v1/chat/completions": (lambda body: openai.chat_completions(service, body), True)}
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "cm3leon-engine"
 
@@ -188,32 +205,43 @@ def make_handler(service: Service):
         def do_GET(self):  # noqa: N802 (http.server's naming)
             if self.path == "/health":
                 self._answer(200, service.info)
+            elif self.path == "/v1/models":
+                self._answer(200, openai.models(service))
             else:
-                self._answer(404, {"error": f"no such path {self.path}; try /health"})
+                self._answer(404, {"error": f"no such path {self.path}; try /health or /v1/models"})
+
+        def _fail(self, status: int, message: str, openai_shape: bool, kind="invalid_request_error",
+                  code=None) -> None:
+            self._answer(status, openai.error_body(message, kind, code) if openai_shape
+                         else {"error": message})
 
         def do_POST(self):  # noqa: N802
-            if self.path != "/v1/generate":
-                self._answer(404, {"error": f"no such path {self.path}; POST /v1/generate"})
+            if self.path not in posts:
+                self._answer(404, {"error": f"no such path {self.path}; POST one of {sorted(posts)}"})
                 return
+            answer, openai_shape = posts[self.path]
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY:
-                self._answer(413, {"error": f"the body is {length} bytes; at most {MAX_BODY}"})
+                self._fail(413, f"the body is {length} bytes; at most {MAX_BODY}", openai_shape)
                 return
             try:
                 request = json.loads(self.rfile.read(length) or b"null")
             except json.JSONDecodeError as exc:
-                self._answer(400, {"error": f"the body is not JSON: {exc}"})
+                self._fail(400, f"the body is not JSON: {exc}", openai_shape)
                 return
             if not isinstance(request, dict):
-                self._answer(400, {"error": "the body must be a JSON object"})
+                self._fail(400, "the body must be a JSON object", openai_shape)
                 return
             try:
-                self._answer(200, service.generate(request))
+                self._answer(200, answer(request))
+            except openai.ModelNotFound as exc:
+                self._fail(404, str(exc), openai_shape, code="model_not_found")
             except (ValueError, TypeError) as exc:  # BadRequest and the engine's own checks
-                self._answer(400, {"error": str(exc)})
+                self._fail(400, str(exc), openai_shape)
             except Exception as exc:  # a fault of ours: say so, keep serving, keep the trace
                 traceback.print_exc()
-                self._answer(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+                self._fail(500, f"internal error: {type(exc).__name__}: {exc}", openai_shape,
+                           kind="server_error")
 
         def log_message(self, fmt, *args):  # one line a request on stderr, as usual
             sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
@@ -229,6 +257,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default="float32", choices=list(INFERENCE_DTYPES))
+    ap.add_argument("--served-model-name", default=None, metavar="NAME",
+                    help="the model's name in the OpenAI-compatible routes (default: the run "
+                         "directory's name)")
     ap.add_argument("--max-batch", type=int, default=32,
                     help="most waiting requests run in one engine call (each brings its n "
                          "samples, twice over with CFG); 1 = one call per request")
@@ -240,13 +271,16 @@ def main(argv=None) -> int:
     try:
         if args.max_batch < 1:
             raise ValueError("--max-batch must be >= 1")
-        service = Service(args.run, args.device, args.dtype, args.max_batch)
+        service = Service(args.run, args.device, args.dtype, args.max_batch,
+                          args.served_model_name)
         server = ThreadingHTTPServer((args.host, args.port), make_handler(service))
     except (ValueError, FileNotFoundError, CheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"serving {args.run} on http://{args.host}:{server.server_address[1]} "
-          f"({service.info['device']}, {args.dtype}); POST /v1/generate, GET /health",
+          f"({service.info['device']}, {args.dtype}) as model {service.model_name!r}; "
+          "POST /v1/generate, /v1/images/generations, /v1/chat/completions; GET /health, "
+          "/v1/models",
           file=sys.stderr, flush=True)
     try:
         server.serve_forever()
