@@ -67,7 +67,7 @@ def build_vqvae(run: RunDir, cfg: EngineConfig, dataset, progress: bool = True,
     Ctrl-C / SIGTERM stops its training at the end of a step with its state saved, and the
     next build (--resume) continues from there, as does one after a crash (state saved every
     few minutes)."""
-    from engine.stop_request import StopRequests
+    from engine.stop_request import StopRequests, TrainingStopped
     from engine.tokenizer.vq_train import train_vqvae
     from engine.tokenizer.vqvae import VQVAE
     if run.vqvae.is_file():
@@ -82,6 +82,8 @@ def build_vqvae(run: RunDir, cfg: EngineConfig, dataset, progress: bool = True,
     vq.save(tmp)
     tmp.replace(run.vqvae)
     run.vqvae_training.unlink(missing_ok=True)  # only once the tokenizer itself is on disk
+    if stop.reason is not None:  # asked for during the last step: the tokenizer is kept, then stop
+        raise TrainingStopped(cfg.image.train_steps, stop.reason, stage="VQ-VAE")
     log.info("VQ-VAE trained in %.0f s", time.time() - t0)
     return vq
 

@@ -123,3 +123,20 @@ def test_the_run_stage_stops_on_a_signal_and_resume_finishes_it(data, tmp_path, 
     resumed = build_vqvae(run, cfg, data, progress=False)
     assert run.vqvae.is_file() and not run.vqvae_training.exists()
     _assert_same_weights(resumed, straight)
+
+
+def test_a_signal_in_the_last_step_keeps_the_tokenizer_and_stops(data, tmp_path, monkeypatch):
+    cfg = get_preset("tiny")
+    cfg = dataclasses.replace(cfg, image=CFG, vocab=dataclasses.replace(cfg.vocab, image_codes=CODES))
+    lr_at = vq_train._lr_at
+
+    def signal_in_the_last_step(step, steps, lr):
+        if step == steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(step, steps, lr)
+    monkeypatch.setattr(vq_train, "_lr_at", signal_in_the_last_step)
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(TrainingStopped) as stopped:
+        build_vqvae(run, cfg, data, progress=False)
+    assert stopped.value.step == CFG.train_steps and stopped.value.signal_name == "SIGTERM"
+    assert run.vqvae.is_file() and not run.vqvae_training.exists()
