@@ -33,6 +33,7 @@ import argparse
 import base64
 import dataclasses
 import io
+import itertools
 import json
 import queue
 import random
@@ -72,17 +73,22 @@ class Service:
                      "device": str(self.engine.device), "dtype": dtype}
         self.batcher = Batcher(self.engine, max_batch)
 
-    def run(self, items: list, modality: str, fields: dict):
+    def run(self, items: list, modality: str, fields: dict, on_token=None):
         """The engine's GenerationResult for one prompt (`items`: its pictures and text, in
         order) with the SamplingParams `fields` it gives (unset: the run's defaults), run
         through the batching worker."""
+        return self.submit(items, modality, fields, on_token).result()
+
+    def submit(self, items: list, modality: str, fields: dict, on_token=None) -> Future:
+        """`run` without waiting: a Future of the result. `on_token(sample_index, token_id)`
+        hears each token as it is chosen, from the worker thread."""
         from engine.inference.params import with_run_defaults
         sampling = {k: fields.get(k) for k in SAMPLING}
         if sampling["cd_k"] is not None:
             sampling["cd_k"] = _cd_k(sampling["cd_k"])
         params = with_run_defaults(self.defaults, modality, **sampling)
         params.validate()  # a bad setting is this request's 400, not its batch's failure
-        return self.batcher.submit(items, params, fields.get("seed") is not None).result()
+        return self.batcher.submit(items, params, fields.get("seed") is not None, on_token)
 
     def generate(self, request: dict) -> dict:
         """POST /v1/generate: our own request and answer (the module's docstring)."""
@@ -116,9 +122,9 @@ class Batcher:
         self.waiting: queue.Queue = queue.Queue()
         threading.Thread(target=self._work, daemon=True, name="engine").start()
 
-    def submit(self, items: list, params, seeded: bool) -> Future:
+    def submit(self, items: list, params, seeded: bool, on_token=None) -> Future:
         done: Future = Future()
-        self.waiting.put((items, params, seeded, done))
+        self.waiting.put((items, params, seeded, done, _Listener(on_token)))
         return done
 
     def _work(self) -> None:
@@ -140,23 +146,51 @@ class Batcher:
         # Unseeded requests asking for the same settings share one SamplingParams (one fresh
         # seed), so they sample together in one call a step; other settings get their own.
         settings, shared = [], {}
-        for _, params, seeded, _ in jobs:
+        for _, params, seeded, *_ in jobs:
             if not seeded:
                 key = dataclasses.astuple(dataclasses.replace(params, seed=0))
                 params = shared.setdefault(
                     key, dataclasses.replace(params, seed=random.randrange(2**31)))
             settings.append(params)
+        listeners = [job[4] for job in jobs]
+        streaming = any(listener.wanted for listener in listeners)
         try:
-            results = self.engine.generate([items for items, *_ in jobs], settings)
+            results = self.engine.generate(
+                [items for items, *_ in jobs], settings,
+                on_token=(lambda prompt, sample, token: listeners[prompt](sample, token))
+                if streaming else None)
         except Exception as exc:  # noqa: BLE001 (handed to the requests, raised there)
-            if len(jobs) > 1:  # one request's prompt may be the cause: each on its own
+            # One request's prompt may be the cause: each runs again on its own, except one
+            # whose stream has begun (a rerun would send its tokens twice): it fails.
+            again = [job for job in jobs if not job[4].heard]
+            if len(jobs) > 1 and again:
                 for job in jobs:
-                    self._run([job])
+                    if job[4].heard:
+                        job[3].set_exception(exc)
+                    else:
+                        self._run([job])
                 return
-            jobs[0][3].set_exception(exc)
+            for job in jobs:
+                job[3].set_exception(exc)
             return
-        for (*_, done), result in zip(jobs, results):
+        for (_, _, _, done, _), result in zip(jobs, results):
             done.set_result(result)
+
+
+class _Listener:
+    """A request's on_token, remembering whether it has heard anything."""
+
+    def __init__(self, on_token=None):
+        self.on_token, self.heard = on_token, False
+
+    @property
+    def wanted(self) -> bool:
+        return self.on_token is not None
+
+    def __call__(self, sample: int, token: int) -> None:
+        if self.on_token is not None:
+            self.heard = True
+            self.on_token(sample, token)
 
 
 def _image(data):
@@ -233,7 +267,9 @@ def make_handler(service: Service):
                 self._fail(400, "the body must be a JSON object", openai_shape)
                 return
             try:
-                self._answer(200, answer(request))
+                body = answer(request)
+                if not isinstance(body, dict):  # a stream: its first chunk, or its error
+                    first = next(body)
             except openai.ModelNotFound as exc:
                 self._fail(404, str(exc), openai_shape, code="model_not_found")
             except (ValueError, TypeError) as exc:  # BadRequest and the engine's own checks
@@ -242,6 +278,29 @@ def make_handler(service: Service):
                 traceback.print_exc()
                 self._fail(500, f"internal error: {type(exc).__name__}: {exc}", openai_shape,
                            kind="server_error")
+            else:
+                if isinstance(body, dict):
+                    self._answer(200, body)
+                else:
+                    self._stream(first, body)
+
+        def _stream(self, first: dict, rest) -> None:
+            """Server-sent events, one a chunk, then [DONE]; the connection closes after."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            try:
+                for event in itertools.chain([first], rest):
+                    self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client left; the batch it was in goes on without it
+            except Exception as exc:  # after the 200: the error travels as an event
+                traceback.print_exc()
+                error = openai.error_body(f"{type(exc).__name__}: {exc}", "server_error")
+                self.wfile.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+            self.wfile.write(b"data: [DONE]\n\n")
 
         def log_message(self, fmt, *args):  # one line a request on stderr, as usual
             sys.stderr.write(f"{self.address_string()} {fmt % args}\n")

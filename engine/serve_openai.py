@@ -9,23 +9,27 @@ SDKs, chat and image front-ends) can use a run by pointing their base URL at the
   POST /v1/chat/completions     text out, for captions, questions and instructions: the last
                                 user message, its text and its pictures (image_url parts as
                                 data: URLs), is the prompt; model, n, seed, temperature, top_p,
-                                max_tokens / max_completion_tokens
+                                max_tokens / max_completion_tokens, stream (server-sent
+                                chat.completion.chunk events as the tokens come, then [DONE];
+                                stream_options.include_usage)
 
 The model has no chat template: it answers the last user message alone, so earlier turns and
 system messages are not seen. Both POST routes also take the engine's own sampling fields as
 extensions (seed, cfg_scale, image_cfg_scale, cd_k, temperature, top_p, top_k), as vLLM takes
 its extra sampling parameters. OpenAI options that mean nothing here (quality, style, user,
 moderation, metadata, ...) are accepted and left unused; ones that would change the answer and
-that the engine cannot honour (streaming, URL responses, remote image URLs, tools, penalties)
-are a 400 that says so. Errors have OpenAI's shape: {"error": {"message", "type", "param",
+that the engine cannot honour (URL responses, remote image URLs, tools, penalties, streamed
+pictures or infilling) are a 400 that says so. Errors have OpenAI's shape: {"error": {"message", "type", "param",
 "code"}}.
 """
 from __future__ import annotations
 
 import base64
 import io
+import queue
 import time
 import uuid
+from typing import Iterator
 
 from engine.serve import BadRequest, _image
 
@@ -34,11 +38,11 @@ IMAGE_FIELDS = {"prompt", "model", "n", "size", "response_format", "output_forma
                 "output_compression", "background", "stream"}
 IMAGE_UNUSED = {"quality", "style", "user", "moderation", "safety_identifier"}
 CHAT_FIELDS = {"messages", "model", "n", "max_tokens", "max_completion_tokens", "stream",
-               "frequency_penalty", "presence_penalty", "tools", "tool_choice", "logprobs",
-               "response_format", "modalities"}
+               "stream_options", "frequency_penalty", "presence_penalty", "tools", "tool_choice",
+               "logprobs", "response_format", "modalities"}
 CHAT_UNUSED = {"user", "store", "metadata", "service_tier", "safety_identifier",
-               "prompt_cache_key", "stream_options", "parallel_tool_calls", "top_logprobs",
-               "reasoning_effort", "verbosity"}
+               "prompt_cache_key", "parallel_tool_calls", "top_logprobs", "reasoning_effort",
+               "verbosity"}
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 FINISH = {"eos": "stop", "length": "length", "image": "stop"}
 
@@ -105,11 +109,11 @@ def images_generations(service, body: dict) -> dict:
                      for smp in result.samples]}
 
 
-def chat_completions(service, body: dict) -> dict:
+def chat_completions(service, body: dict) -> dict | Iterator[dict]:
+    """The answer, or with stream=true an iterator of its chunks (the caller sends each as a
+    server-sent event, then [DONE]); a bad request raises before the first chunk."""
     _check_fields(body, CHAT_FIELDS, CHAT_UNUSED)
     _check_model(service, body)
-    if body.get("stream"):
-        raise BadRequest("stream is not supported: the answer comes back whole")
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name):
             raise BadRequest(f"{name} is not supported (leave it out or 0)")
@@ -125,16 +129,70 @@ def chat_completions(service, body: dict) -> dict:
     items = _last_user_message(body.get("messages"))
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     fields = {**_engine_fields(body), "n": body.get("n"), "max_new_tokens": limit}
+    if body.get("stream"):
+        if any(isinstance(x, str) and "<mask>" in x for x in items):
+            raise BadRequest("infilling (<mask>) answers come whole: send stream=false")
+        usage = (body.get("stream_options") or {}).get("include_usage", False)
+        return _stream_chunks(service, items, fields, usage)
     result = service.run(items, "text", fields)
-    completion = sum(len(smp.token_ids) for smp in result.samples)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
         "created": int(time.time()), "model": service.model_name,
         "choices": [{"index": i, "message": {"role": "assistant", "content": smp.text.strip()},
                      "finish_reason": FINISH.get(smp.finish_reason, "stop"), "logprobs": None}
                     for i, smp in enumerate(result.samples)],
-        "usage": {"prompt_tokens": len(result.prompt_ids), "completion_tokens": completion,
-                  "total_tokens": len(result.prompt_ids) + completion}}
+        "usage": _usage(result)}
+
+
+def _usage(result) -> dict:
+    completion = sum(len(smp.token_ids) for smp in result.samples)
+    return {"prompt_tokens": len(result.prompt_ids), "completion_tokens": completion,
+            "total_tokens": len(result.prompt_ids) + completion}
+
+
+def _stream_chunks(service, items: list, fields: dict, include_usage: bool) -> Iterator[dict]:
+    """Queues the request with a token listener and returns the chunks' iterator; the
+    request runs in the batching worker (with whatever else waits), its tokens arrive here."""
+    events: queue.Queue = queue.Queue()
+    future = service.submit(items, "text", fields,
+                            on_token=lambda sample, token: events.put((sample, token)))
+    future.add_done_callback(lambda _: events.put(None))
+    return _chunks(service, future, events, include_usage)
+
+
+def _chunks(service, future, events: queue.Queue, include_usage: bool) -> Iterator[dict]:
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(index, delta, finish=None) -> dict:
+        if index not in opened:  # a choice's first chunk says who speaks
+            opened.add(index)
+            delta = {"role": "assistant", **delta}
+        return {"id": ident, "object": "chat.completion.chunk", "created": created,
+                "model": service.model_name, "choices": [
+                    {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    opened: set[int] = set()
+    ids: dict[int, list[int]] = {}
+    sent: dict[int, str] = {}
+    while (event := events.get()) is not None:
+        sample, token = event
+        ids.setdefault(sample, []).append(token)
+        text = service.engine.text_so_far(ids[sample]).lstrip()
+        said = sent.get(sample, "")
+        # half a UTF-8 character decodes as U+FFFD until its other bytes come
+        if text.endswith("\ufffd") or not text.startswith(said) or text == said:
+            continue
+        sent[sample] = text
+        yield chunk(sample, {"content": text[len(said):]})
+    result = future.result()  # the request's own error, raised here
+    for index, smp in enumerate(result.samples):
+        final, said = smp.text.strip(), sent.get(index, "")
+        rest = final[len(said):] if final.startswith(said) else ""
+        yield chunk(index, {"content": rest} if rest else {},
+                    FINISH.get(smp.finish_reason, "stop"))
+    if include_usage:
+        yield {"id": ident, "object": "chat.completion.chunk", "created": created,
+               "model": service.model_name, "choices": [], "usage": _usage(result)}
 
 
 def _last_user_message(messages) -> list:

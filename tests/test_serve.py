@@ -107,13 +107,16 @@ class FakeEngine:
         self.calls, self.objects, self.fail = [], [], fail
         self.inside, self.release = threading.Event(), threading.Event()
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, on_token=None):
         assert len(params) == len(prompts), "one SamplingParams per request"
         self.calls.append(([p[0] for p in prompts], [(sp.seed, sp.n, sp.modality) for sp in params]))
         self.objects.append(params)
         if len(self.calls) == 1:
             self.inside.set()
             self.release.wait(10)
+        if on_token is not None and self.fail == "while streaming":
+            for i in range(len(prompts)):
+                on_token(i, 0, 42)   # every prompt's first token goes out, then it fails
         if self.fail and any(p[0] == "bad" for p in prompts):
             raise ValueError("the model refused")
         return [f"result of {p[0]}" for p in prompts]
@@ -161,6 +164,27 @@ def test_a_request_that_cannot_run_fails_alone():
     with pytest.raises(ValueError, match="refused"):
         bad.result(10)
     assert [p for p, _ in engine.calls] == [["a"], ["bad", "b"], ["bad"], ["b"]]
+
+
+def test_tokens_reach_their_stream_and_a_begun_stream_is_not_rerun():
+    from engine.serve import Batcher
+    engine = FakeEngine(fail="while streaming")
+    batcher = Batcher(engine, max_batch=32)
+    first = batcher.submit(["a"], _params(), seeded=False)
+    assert engine.inside.wait(10)
+    heard = []
+    bad = batcher.submit(["bad"], _params(), seeded=False)
+    streamed = batcher.submit(["s"], _params(), seeded=False,
+                              on_token=lambda sample, token: heard.append((sample, token)))
+    quiet = batcher.submit(["q"], _params(), seeded=False)
+    engine.release.set()
+    assert first.result(10) == "result of a" and quiet.result(10) == "result of q"
+    assert heard == [(0, 42)], "its own token only, once"
+    with pytest.raises(ValueError, match="refused"):
+        streamed.result(10)  # its stream had begun: a rerun would send its tokens twice
+    with pytest.raises(ValueError, match="refused"):
+        bad.result(10)
+    assert [p for p, _ in engine.calls] == [["a"], ["bad", "s", "q"], ["bad"], ["q"]]
 
 
 @pytest.mark.cuda

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import base64
 import io
+import queue
 import threading
+from concurrent.futures import Future
 from http.server import ThreadingHTTPServer
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -90,6 +93,41 @@ def test_chat_answers_a_question_about_a_picture(client):
     assert text.usage.prompt_tokens < 16
 
 
+def test_chat_streams_the_answer_as_it_comes(client):
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url()}},
+        {"type": "text", "text": "what colour is the shape?"}]}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
+                                           seed=5, n=2)
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, seed=5, n=2, stream=True,
+        stream_options={"include_usage": True}))
+    for i, choice in enumerate(whole.choices):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(m.delta.content or "" for m in mine).strip() == choice.message.content
+        assert [m.finish_reason for m in mine if m.finish_reason] == [choice.finish_reason]
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_stream_deltas_follow_the_text_and_wait_for_whole_characters():
+    # (the untrained model above draws stray bytes, so its text arrives in one piece)
+    from engine.serve_openai import _chunks
+    text_of = {(1,): " a", (1, 2): " a b", (1, 2, 3): " a b\ufffd", (1, 2, 3, 4): " a b é"}
+    engine = SimpleNamespace(text_so_far=lambda ids: text_of[tuple(ids)])
+    events = queue.Queue()
+    for token in (1, 2, 3, 4, None):
+        events.put(None if token is None else (0, token))
+    done = Future()
+    done.set_result(SimpleNamespace(prompt_ids=[7, 7], samples=[
+        SimpleNamespace(text=" a b é", finish_reason="eos", token_ids=[1, 2, 3, 4])]))
+    chunks = list(_chunks(SimpleNamespace(engine=engine, model_name="m"), done, events, True))
+    assert [c["choices"][0]["delta"] for c in chunks[:-1]] == [
+        {"role": "assistant", "content": "a"}, {"content": " b"}, {"content": " é"}, {}]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 6
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda c: c.images.generate(model="dall-e-3", prompt="x"), openai.NotFoundError, "does not exist"),
     (lambda c: c.images.generate(prompt="x", size="1024x1024"), openai.BadRequestError, "32x32"),
@@ -102,7 +140,9 @@ def test_chat_answers_a_question_about_a_picture(client):
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]),
      openai.BadRequestError, "does not fetch"),
     (lambda c: c.chat.completions.create(model="tiny", stream=True, messages=[
-        {"role": "user", "content": "hi"}]), openai.BadRequestError, "stream"),
+        {"role": "user", "content": "a <mask> circle"}]), openai.BadRequestError, "infilling"),
+    (lambda c: c.chat.completions.create(model="tiny", stream=True, max_tokens=10**6, messages=[
+        {"role": "user", "content": "hi"}]), openai.BadRequestError, "max_new_tokens"),
     (lambda c: c.chat.completions.create(model="tiny", messages=[
         {"role": "assistant", "content": "hi"}]), openai.BadRequestError, "no user message"),
     (lambda c: c.chat.completions.create(model="tiny", temperature=-1, messages=[

@@ -20,6 +20,7 @@ generator for the whole call is a single group, drawn exactly as before.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -43,8 +44,10 @@ class Decoded:
 
 
 class _Sequence:
-    def __init__(self, prompt_index: int, rows: dict[str, int], constraints: SequenceConstraints):
-        self.prompt_index, self.rows, self.c = prompt_index, rows, constraints
+    def __init__(self, prompt_index: int, sample_index: int, rows: dict[str, int],
+                 constraints: SequenceConstraints):
+        self.prompt_index, self.sample_index = prompt_index, sample_index
+        self.rows, self.c = rows, constraints
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.drawn: tuple[int, float] = (0, 0.0)   # this step's (token, log-probability)
@@ -99,9 +102,12 @@ def _branches(p: PreparedPrompt, params: SamplingParams, tokens_per_image: int) 
 def decode(model: Transformer, vocab: Vocab, tokens_per_image: int, prompts: list[PreparedPrompt],
            params: SamplingParams | list[SamplingParams],
            generator: torch.Generator | None | list[torch.Generator | None] = None,
-           use_cache: bool = True) -> list[Decoded]:
+           use_cache: bool = True,
+           on_token: Callable[[int, int, int], None] | None = None) -> list[Decoded]:
     """Samples params.n sequences per prompt; returns them prompt-major, sample-minor.
-    `params` and `generator` are each one for all prompts or a list with one per prompt."""
+    `params` and `generator` are each one for all prompts or a list with one per prompt.
+    `on_token(prompt_index, sample_index, token_id)` hears every token as it is chosen (for
+    streaming), forced ones included, in the order each sequence receives them."""
     if not prompts:
         raise ValueError("no prompts given")
     settings = per_prompt(params, len(prompts), "SamplingParams")
@@ -116,14 +122,14 @@ def decode(model: Transformer, vocab: Vocab, tokens_per_image: int, prompts: lis
     groups: dict[tuple[int, int], tuple[SamplingParams, torch.Generator | None, list]] = {}
     for i, (p, sp, gen, budget) in enumerate(zip(prompts, settings, generators, budgets)):
         group = groups.setdefault((id(sp), id(gen)), (sp, gen, []))
-        for _ in range(sp.n):
+        for j in range(sp.n):
             idx = {}
             for name, ids in _branches(p, sp, tokens_per_image).items():
                 idx[name] = len(rows)
                 rows.append(ids)
             c = SequenceConstraints(vocab, tokens_per_image, sp.modality, budget, p.spans,
                                     last_prompt_token=p.cond[-1])
-            seqs.append(_Sequence(i, idx, c))
+            seqs.append(_Sequence(i, j, idx, c))
             group[2].append(seqs[-1])
 
     was_training = model.training
@@ -148,6 +154,8 @@ def decode(model: Transformer, vocab: Vocab, tokens_per_image: int, prompts: lis
                 token, forced = s.c.choose(tok)
                 s.c.push(token)
                 s.tokens.append(token)
+                if on_token is not None:
+                    on_token(s.prompt_index, s.sample_index, token)
                 s.logprobs.append(0.0 if forced else lp)
                 if s.c.done:
                     finished.update(s.rows.values())

@@ -20,7 +20,7 @@ each SamplingParams object samples with its own seed:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -44,6 +44,10 @@ def _as_prompt_list(prompts) -> list:
     if any(isinstance(p, (list, tuple)) for p in prompts):
         return prompts
     return [prompts]
+
+
+def _text_of(doc) -> str:
+    return "".join(seg.text for seg in doc if isinstance(seg, TextSegment))
 
 
 class Engine:
@@ -75,14 +79,18 @@ class Engine:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 scorer: Scorer | None = None, use_cache: bool = True) -> list[GenerationResult]:
+                 scorer: Scorer | None = None, use_cache: bool = True,
+                 on_token: Callable[[int, int, int], None] | None = None) -> list[GenerationResult]:
         """One GenerationResult per prompt, each with its params.n samples; with a scorer
         (or the engine's), samples that carry an image are re-ranked best first.
 
         Every SamplingParams object draws from a generator of its own, seeded with its seed;
         prompts given the same object (all of them, when one is passed) share it. All
         prompts share every forward either way. So a prompt with a SamplingParams of its own
-        draws what it would draw alone, whatever runs beside it."""
+        draws what it would draw alone, whatever runs beside it.
+
+        `on_token(prompt_index, sample_index, token_id)` is called with every token as it is
+        chosen, for streaming (sample_index counts before any re-ranking by the scorer)."""
         prompt_list = _as_prompt_list(prompts)
         params = SamplingParams() if params is None else params
         settings = per_prompt(params, len(prompt_list), "SamplingParams")
@@ -95,7 +103,7 @@ class Engine:
         generators = [made[id(sp)] for sp in settings]
         prepared = [self.prepare(p, sp) for p, sp in zip(prompt_list, settings)]
         decoded = decode(self.model, self.vocab, self.tokens_per_image, prepared, settings,
-                         generators, use_cache=use_cache)
+                         generators, use_cache=use_cache, on_token=on_token)
         samples = self._samples(prepared, decoded)
         scorer = scorer or self.scorer
         results = []
@@ -130,7 +138,7 @@ class Engine:
                 codes = [tuple(t - v.image_start for t in ids) for ids, ok in zip(spans, whole) if ok]
             else:
                 doc = self.tok.decode(d.token_ids)
-                s.text = "".join(seg.text for seg in doc if isinstance(seg, TextSegment))
+                s.text = _text_of(doc)
                 codes = [seg.codes for seg in doc if isinstance(seg, ImageSegment)]
             s.image_codes = codes
             all_codes += codes
@@ -142,6 +150,11 @@ class Engine:
                 it = iter(s.images)
                 s.infilled = [x if x is None or isinstance(x, str) else next(it) for x in s.infilled]
         return out
+
+    def text_so_far(self, token_ids: list[int]) -> str:
+        """The text of a sample's tokens so far, as its Sample.text will read (prompts
+        without <mask>): what a stream sends as it grows."""
+        return _text_of(self.tok.decode(token_ids))
 
     def _spans(self, p: PreparedPrompt, generated: list[int]) -> list[list[int]]:
         """The ids generated for each infill span (after its sentinel, before the next)."""
