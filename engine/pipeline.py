@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from engine import validation
 from engine.config import EngineConfig
 from engine.data.corpus import EncodedCorpus, document_stream, encode_corpus, load_dataset
 from engine.distributed import DataParallel
@@ -80,6 +81,11 @@ def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume
         neighbours = build_retrieval(run.root, cfg, corpus, dev, text, vq, progress=progress)
         timings["retrieval_s"] = time.time() - t
 
+    t = _stage("validation sets")
+    val_sets = validation.build_sets(cfg, text, vq, run.root / "data" / "validation",
+                                     progress=progress)
+    timings["validation_sets_s"] = time.time() - t
+
     if dp.main:
         dp.barrier()
 
@@ -90,7 +96,8 @@ def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume
     metrics = train_model(model, lambda seed: document_stream(corpus, vocab, cfg.train, cfg.data, seed,
                                                               neighbours),
                           vocab, cfg.train, run.root, dev, resume=resume, progress=progress,
-                          dp=dp)
+                          dp=dp, validation=validation.batches(
+                              val_sets, vocab, cfg.model.max_seq_len, cfg.train.batch_size))
     timings["model_s"] = time.time() - t
     if not dp.main:
         return {}

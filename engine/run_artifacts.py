@@ -6,6 +6,7 @@ RUN/tokenizer/vqvae.safetensors     the VQ-VAE image tokenizer
 RUN/tokenizer/vqvae.training.pt     its training state while it trains (engine/tokenizer/vq_state.py)
 RUN/eval/shape_classifier.safetensors  the shape judge used by the evaluation
 RUN/data/train.safetensors          the tokenised training corpus
+RUN/data/validation/*.safetensors   the validation sets (engine/validation.py)
 RUN/checkpoints/step_*/             model + optimizer (engine.checkpoint)
 RUN/metrics.jsonl, RUN/loss.png, RUN/samples/*.png, RUN/eval.json
 Each stage is skipped when its file exists, so --resume never redoes finished work.

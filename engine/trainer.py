@@ -2,8 +2,9 @@
 weights, checkpoints.
 
 Progress shows loss, tokens/s and the ETA; every `log_every` steps a line goes to
-metrics.jsonl; every `checkpoint_every` steps (and at the end) a checkpoint is written
-atomically. Ctrl-C or SIGTERM stops the loop at the end of its step with a checkpoint there
+metrics.jsonl; every `eval_every` steps (and at the end) the validation sets' losses join that
+line (engine/validation.py); every `checkpoint_every` steps (and at the end) a checkpoint is
+written atomically. Ctrl-C or SIGTERM stops the loop at the end of its step with a checkpoint there
 (engine/stop_request.py), so `--resume` loses nothing. Resuming restores model, optimizer and
 step; the data stream is reseeded from (seed, step) so a resumed run sees fresh documents
 rather than a replay. With `ema_decay` > 0 the model leaves training holding the EMA weights,
@@ -30,6 +31,7 @@ from engine.data.packing import Packer
 from engine.distributed import DataParallel
 from engine.model import Transformer
 from engine.stop_request import StopRequests, TrainingStopped
+from engine.validation import loss as validation_loss
 from engine.weight_average import WeightAverage
 
 
@@ -80,11 +82,13 @@ class _LossStep(torch.nn.Module):
 
 def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run_dir: Path,
                 device: torch.device, resume: bool, progress: bool = True,
-                context_only=None, dp: DataParallel = DataParallel()) -> list[dict]:
+                context_only=None, dp: DataParallel = DataParallel(),
+                validation: dict[str, list] | None = None) -> list[dict]:
     """stream_factory(seed) -> iterator of token lists. Returns the metrics records.
     context_only(doc) -> [start, end) ranges trained as context only (engine.data.packing);
     by default the CM3 rule cfg.image_loss_after_caption_span sets. `dp`: this process's
-    place among data-parallel processes (engine/distributed.py)."""
+    place among data-parallel processes (engine/distributed.py). `validation`: set name ->
+    its packed batches (engine.validation.batches), measured by the first process."""
     dp.check_batch(cfg.batch_size)
     model.to(device).train()
     model.activation_checkpointing = cfg.activation_checkpointing
@@ -120,10 +124,10 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
                disable=not (progress and dp.main), dynamic_ncols=True)
     tokens_seen, t0, loss_acc, n_acc = 0, time.time(), 0.0, 0
 
-    def log_metrics(done, lr, gnorm, rate):
+    def log_metrics(done, lr, gnorm, rate, measured):
         nonlocal loss_acc, n_acc
         rec = {"step": done, "loss": loss_acc / n_acc, "lr": lr, "grad_norm": float(gnorm),
-               "tokens_per_s": rate, "time": time.time()}
+               "tokens_per_s": rate, "time": time.time(), **measured}
         metrics_f.write(json.dumps(rec) + "\n")
         metrics_f.flush()
         loss_acc, n_acc = 0.0, 0
@@ -148,8 +152,17 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.1e}")
                 done = step + 1
                 stopping = dp.any(stop.reason is not None, device)  # all stop together
-                if dp.main and (done % cfg.log_every == 0 or done == cfg.steps or stopping):
-                    log_metrics(done, lr, gnorm, rate)
+                validating = bool(validation) and cfg.eval_every > 0 and dp.main and (
+                    done % cfg.eval_every == 0 or done == cfg.steps)
+                measured = {}
+                if validating:
+                    started = time.time()
+                    measured = {f"{name}_loss": validation_loss(model, batches, device, use_bf16)
+                                for name, batches in validation.items()}
+                    t0 += time.time() - started  # tokens/s counts training time only
+                if dp.main and (done % cfg.log_every == 0 or done == cfg.steps or stopping
+                                or validating):
+                    log_metrics(done, lr, gnorm, rate, measured)
                 if dp.main and (done % cfg.checkpoint_every == 0 or done == cfg.steps
                                 or stopping):
                     save_checkpoint(run_dir, done, model, optim, {"tokens_per_s": rate},

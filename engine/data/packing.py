@@ -58,16 +58,29 @@ class Packer:
         self.context_only = context_only
         self.pending: list[int] | None = None
         self.skipped = 0          # documents longer than seq_len (counted, never truncated)
+        self.exhausted = False    # a finite iterator has run out (the rest is padding)
 
-    def _next_doc(self) -> list[int]:
+    def _next_doc(self) -> list[int] | None:
+        """The next document that fits, or None once a finite iterator has run out."""
         if self.pending is not None:
             doc, self.pending = self.pending, None
             return doc
-        while True:
-            doc = next(self.docs)
+        for doc in self.docs:
             if len(doc) <= self.seq_len:
                 return doc
             self.skipped += 1
+        self.exhausted = True
+        return None
+
+    def all_batches(self, batch_size: int) -> list[PackedBatch]:
+        """Every document of a finite iterator exactly once (a validation set), in batches;
+        the last batch's leftover rows are padding."""
+        batches = []
+        while not self.exhausted:
+            batch = self.next_batch(batch_size)
+            if batch.num_targets:
+                batches.append(batch)
+        return batches
 
     def next_batch(self, batch_size: int) -> PackedBatch:
         S = self.row_len
@@ -78,6 +91,8 @@ class Packer:
             used = 0
             while True:
                 doc = self._next_doc()
+                if doc is None:
+                    break
                 if used + len(doc) > S:
                     self.pending = doc
                     break

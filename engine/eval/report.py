@@ -16,10 +16,17 @@ def write_loss_curve(metrics: list[dict], path: Path) -> None:
     if not metrics:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1.2)
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1.2,
+            label="training (CM3, target positions)")
+    measured = sorted({k for m in metrics for k in m if k.endswith("_loss")})
+    for key in measured:  # validation sets (engine/validation.py): caption -> image documents
+        points = [(m["step"], m[key]) for m in metrics if key in m]
+        ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=key.removesuffix("_loss"))
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (CM3, target positions)")
+    ax.set_ylabel("loss per token")
     ax.set_yscale("log")
+    if measured:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
