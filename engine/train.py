@@ -3,8 +3,8 @@
 Stages, all in one run directory (see engine/run_artifacts.py for the layout), each skipped
 when its output already exists: BPE -> VQ-VAE (+ its report) -> shape classifier (the
 evaluation's judge) -> tokenised corpus -> [retrieval: dual encoder, memory bank, offline
-neighbour pass (engine/retrieval/stage.py), when on] -> model -> sample grid, loss curve,
-prompt accuracy.
+neighbour pass (engine/retrieval/stage.py), when on] -> validation sets -> model (its
+validation loss every train.eval_every steps) -> sample grid, loss curve, prompt accuracy.
 
   python -m engine.train                              # tiny preset on the built-in shapes data
   python -m engine.train --preset cm3leon-7b --dry-run
