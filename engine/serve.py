@@ -44,6 +44,7 @@ from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 from engine.checkpoint import CheckpointError
 from engine.devices import INFERENCE_DTYPES
@@ -123,9 +124,9 @@ class Batcher:
         threading.Thread(target=self._work, daemon=True, name="engine").start()
 
     def submit(self, items: list, params, seeded: bool, on_token=None) -> Future:
-        done: Future = Future()
-        self.waiting.put((items, params, seeded, done, _Listener(on_token)))
-        return done
+        job = _Job(items, params, seeded, Future(), _Listener(on_token))
+        self.waiting.put(job)
+        return job.done
 
     def _work(self) -> None:
         while True:
@@ -135,46 +136,49 @@ class Batcher:
                     batch.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            unseeded = [job for job in batch if not job[2]]
+            unseeded = [job for job in batch if not job.seeded]
             if unseeded:
                 self._run(unseeded)
             for job in batch:
-                if job[2]:
+                if job.seeded:
                     self._run([job])  # alone: its seed decides its samples
 
-    def _run(self, jobs: list) -> None:
+    def _run(self, jobs: list[_Job]) -> None:
         # Unseeded requests asking for the same settings share one SamplingParams (one fresh
         # seed), so they sample together in one call a step; other settings get their own.
         settings, shared = [], {}
-        for _, params, seeded, *_ in jobs:
-            if not seeded:
+        for job in jobs:
+            params = job.params
+            if not job.seeded:
                 key = dataclasses.astuple(dataclasses.replace(params, seed=0))
                 params = shared.setdefault(
                     key, dataclasses.replace(params, seed=random.randrange(2**31)))
             settings.append(params)
-        listeners = [job[4] for job in jobs]
-        streaming = any(listener.wanted for listener in listeners)
+        streaming = any(job.listener.wanted for job in jobs)
         try:
             results = self.engine.generate(
-                [items for items, *_ in jobs], settings,
-                on_token=(lambda prompt, sample, token: listeners[prompt](sample, token))
+                [job.items for job in jobs], settings,
+                on_token=(lambda prompt, sample, token: jobs[prompt].listener(sample, token))
                 if streaming else None)
         except Exception as exc:  # noqa: BLE001 (handed to the requests, raised there)
-            # One request's prompt may be the cause: each runs again on its own, except one
-            # whose stream has begun (a rerun would send its tokens twice): it fails.
-            again = [job for job in jobs if not job[4].heard]
-            if len(jobs) > 1 and again:
-                for job in jobs:
-                    if job[4].heard:
-                        job[3].set_exception(exc)
-                    else:
-                        self._run([job])
-                return
+            # One request's prompt may be the cause: each runs again on its own, except a
+            # request whose stream has begun (a rerun would send its tokens twice): it fails.
             for job in jobs:
-                job[3].set_exception(exc)
+                if len(jobs) > 1 and not job.listener.heard:
+                    self._run([job])
+                else:
+                    job.done.set_exception(exc)
             return
-        for (_, _, _, done, _), result in zip(jobs, results):
-            done.set_result(result)
+        for job, result in zip(jobs, results):
+            job.done.set_result(result)
+
+
+class _Job(NamedTuple):
+    items: list          # the prompt: pictures and text, in order
+    params: object       # its SamplingParams
+    seeded: bool         # asked for a seed: runs alone
+    done: Future
+    listener: "_Listener"
 
 
 class _Listener:
