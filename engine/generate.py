@@ -5,6 +5,7 @@
   python -m engine.generate --run runs/tiny --image shape.png --prompt "what colour is the shape?"
   python -m engine.generate --run runs/tiny --image shape.png --prompt "make it blue" --out e.png
   python -m engine.generate --run runs/tiny --prompt "a <mask> circle" --output text
+  python -m engine.generate --run runs/tiny --prompts prompts.txt --out-dir samples/  (batch)
 
 What comes out (--output overrides): no --image -> an image; --image alone -> text (a
 caption); --image with a prompt ending in "?" -> text (the answer); --image with any other
@@ -12,10 +13,14 @@ prompt -> an image (an edit). A prompt with "<mask>" infills it. Images go to --
 PNG (a grid when --n > 1); text goes to stdout, one line per sample. Sampling: CFG scale --cfg
 (1 = off) inside image spans, --image-cfg for the 3-way editing form, --cd-k ALPHA,K for
 contrastive decoding, then temperature (0 = greedy), TopK (0 = off) and TopP.
+
+--prompts FILE samples one prompt a line in batches into --out-dir, one PNG per image sample
+and results.jsonl, and continues an interrupted job (engine/batch_generation.py).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -33,6 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a run directory from python -m engine.train")
     ap.add_argument("--prompt", default=None, help="caption, question, instruction or text with <mask>")
+    ap.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                    help="a text file, one prompt a line: sample them all into --out-dir")
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help="with --prompts: where the PNGs and results.jsonl go")
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="with --prompts: prompts per engine call (default 16)")
     ap.add_argument("--image", type=Path, default=None, help="an input image (any size and mode: "
                     "converted to RGB, centre-cropped square, resized to the run's image size)")
     ap.add_argument("--output", choices=("image", "text"), default=None,
@@ -68,7 +79,18 @@ def output_modality(args) -> str:
 
 
 def check_args(args) -> None:
-    if args.image is None and (args.prompt is None or not args.prompt.strip()):
+    if args.prompts is not None:
+        if args.prompt is not None or args.image is not None or args.out is not None:
+            raise ValueError("--prompts takes its prompts from the file and writes to --out-dir: "
+                             "drop --prompt, --image and --out")
+        if args.out_dir is None:
+            raise ValueError("--prompts needs --out-dir DIR for the samples")
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+    elif args.out_dir is not None:
+        raise ValueError("--out-dir goes with --prompts FILE; one prompt writes --out FILE.png")
+    one_prompt = args.prompts is None
+    if one_prompt and args.image is None and (args.prompt is None or not args.prompt.strip()):
         raise ValueError("the prompt is empty: describe the image, e.g. --prompt \"a red circle\", "
                          "or give --image")
     if args.prompt is not None and not args.prompt.strip():
@@ -83,7 +105,7 @@ def check_args(args) -> None:
         raise ValueError("--top-k must be >= 0")
     if args.temperature is not None and args.temperature < 0:
         raise ValueError("--temperature must be >= 0")
-    if output_modality(args) == "image":
+    if output_modality(args) == "image" and one_prompt:
         if args.out is None:
             raise ValueError("an image output needs --out FILE.png")
         if args.out.suffix.lower() != ".png":
@@ -140,21 +162,39 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         from engine.inference import Engine
-        modality = output_modality(args)
-        prompt = build_prompt(args)
+        from engine.inference.params import with_run_defaults
+        from engine.run_artifacts import RunDir
+        prompts = None
+        if args.prompts is not None:
+            from engine.batch_generation import read_prompts
+            prompts = read_prompts(args.prompts)   # a missing file fails before the model loads
         engine = Engine.from_run(args.run, args.device, dtype=args.dtype)
         if args.retrieve:
             from engine.retrieval.generation import RetrievalEngine
             from engine.retrieval.online import Retriever
             engine = RetrievalEngine(engine, Retriever.from_run(args.run), args.retrieve)
-        from engine.inference.params import with_run_defaults
-        from engine.run_artifacts import RunDir
-        params = with_run_defaults(
-            RunDir(args.run).load_config().sample, modality, cfg_scale=args.cfg,
-            image_cfg_scale=args.image_cfg, cd_k=parse_cd_k(args.cd_k),
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, n=args.n,
-            seed=args.seed, max_new_tokens=args.max_new_tokens)
-        [result] = engine.generate([prompt], params)
+
+        def settings(modality: str):
+            return with_run_defaults(
+                RunDir(args.run).load_config().sample, modality, cfg_scale=args.cfg,
+                image_cfg_scale=args.image_cfg, cd_k=parse_cd_k(args.cd_k),
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, n=args.n,
+                seed=args.seed, max_new_tokens=args.max_new_tokens)
+        if prompts is not None:
+            from engine.batch_generation import generate_from_file
+            # --max-new-tokens limits the file's text answers; its pictures take what they need
+            bases = {"image": dataclasses.replace(settings("image"), max_new_tokens=None),
+                     "text": settings("text")}
+            for base in bases.values():
+                base.validate()
+            sampled = generate_from_file(engine, prompts, bases, args.output, args.out_dir,
+                                         args.batch_size)
+            print(f"sampled {sampled} of {len(prompts)} prompts into {args.out_dir} "
+                  f"({len(prompts) - sampled} were already there); see results.jsonl")
+            return 0
+        modality = output_modality(args)
+        params = settings(modality)
+        [result] = engine.generate([build_prompt(args)], params)
         what = args.prompt if args.prompt is not None else str(args.image)
         if modality == "image":
             images = [smp.images[0] for smp in result.samples]

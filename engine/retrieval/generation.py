@@ -37,9 +37,9 @@ class RetrievalEngine(Engine):
     def from_run(cls, path: str | Path, device=None, scorer=None, k: int = 2) -> "RetrievalEngine":
         return cls(Engine.from_run(path, device, scorer), Retriever.from_run(path), k)
 
-    def generate(self, prompts, params=None, scorer=None, use_cache: bool = True):
+    def generate(self, prompts, params=None, scorer=None, use_cache: bool = True, on_token=None):
         self.last_retrieved = []
-        return super().generate(prompts, params, scorer, use_cache)
+        return super().generate(prompts, params, scorer, use_cache, on_token)
 
     def prepare(self, prompt, params: SamplingParams) -> PreparedPrompt:
         p = super().prepare(prompt, params)
