@@ -44,8 +44,6 @@ def generate_from_file(engine, prompts: list[str], bases: dict, output: str | No
     `bases`: output modality ("image", "text") -> the SamplingParams its prompts start from
     (their seed: the first prompt's)."""
     from engine.generate import output_modality
-    if batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
     todo = [i for i in range(len(prompts)) if i not in done_indices(results)]

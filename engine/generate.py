@@ -174,9 +174,11 @@ def main(argv=None) -> int:
             from engine.retrieval.online import Retriever
             engine = RetrievalEngine(engine, Retriever.from_run(args.run), args.retrieve)
 
+        defaults = RunDir(args.run).load_config().sample
+
         def settings(modality: str):
             return with_run_defaults(
-                RunDir(args.run).load_config().sample, modality, cfg_scale=args.cfg,
+                defaults, modality, cfg_scale=args.cfg,
                 image_cfg_scale=args.image_cfg, cd_k=parse_cd_k(args.cd_k),
                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, n=args.n,
                 seed=args.seed, max_new_tokens=args.max_new_tokens)

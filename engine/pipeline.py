@@ -10,7 +10,7 @@ import torch
 
 from engine import validation
 from engine.config import EngineConfig
-from engine.data.corpus import EncodedCorpus, document_stream, encode_corpus, load_dataset
+from engine.data.corpus import document_stream, encoded_corpus, load_dataset
 from engine.distributed import DataParallel
 from engine.run_artifacts import RunDir, build_classifier, build_text_tokenizer, build_vqvae
 from engine.tokenizer.vocab import Vocab
@@ -66,12 +66,7 @@ def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume
     timings["classifier_s"] = time.time() - t
 
     t = _stage("tokenised corpus")
-    if run.corpus.is_file():
-        corpus = EncodedCorpus.load(run.corpus)
-    else:
-        corpus = encode_corpus(train_set, text, vq, progress=progress)
-        run.corpus.parent.mkdir(parents=True, exist_ok=True)
-        corpus.save(run.corpus)
+    corpus = encoded_corpus(run.corpus, train_set, text, vq, progress=progress)
     timings["corpus_s"] = time.time() - t
 
     neighbours = None

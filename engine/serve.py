@@ -110,7 +110,7 @@ class Service:
                                                    image=None if image is None else "sent"))
         result = self.run([x for x in (image, prompt) if x is not None], modality, request)
         return {"output": modality, "samples": [
-            {"text": smp.text, "image": _png(smp.images[0]) if smp.images else None,
+            {"text": smp.text, "image": _base64(smp.images[0]) if smp.images else None,
              "token_ids": smp.token_ids, "finish_reason": smp.finish_reason,
              "score": smp.score} for smp in result.samples]}
 
@@ -216,9 +216,10 @@ def _cd_k(value) -> tuple[float, int]:
     return float(value[0]), int(value[1])
 
 
-def _png(image) -> str:
+def _base64(image, fmt: str = "PNG", quality: int | None = None) -> str:
+    """A picture as base64 text, in PIL's format `fmt` (JPEG/WebP at `quality` when given)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format=fmt, **({} if quality is None or fmt == "PNG" else {"quality": quality}))
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

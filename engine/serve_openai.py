@@ -24,14 +24,12 @@ pictures or infilling) are a 400 that says so. Errors have OpenAI's shape: {"err
 """
 from __future__ import annotations
 
-import base64
-import io
 import queue
 import time
 import uuid
 from typing import Iterator
 
-from engine.serve import BadRequest, _image
+from engine.serve import BadRequest, _base64, _image
 
 ENGINE_SAMPLING = {"seed", "cfg_scale", "image_cfg_scale", "cd_k", "temperature", "top_p", "top_k"}
 IMAGE_FIELDS = {"prompt", "model", "n", "size", "response_format", "output_format",
@@ -105,7 +103,7 @@ def images_generations(service, body: dict) -> dict:
     fields = {**_engine_fields(body), "n": body.get("n")}
     result = service.run([prompt], "image", fields)
     return {"created": int(time.time()), "output_format": fmt, "size": size,
-            "data": [{"b64_json": _encode(smp.images[0], fmt, quality)}
+            "data": [{"b64_json": _base64(smp.images[0], FORMATS[fmt], quality)}
                      for smp in result.samples]}
 
 
@@ -229,10 +227,3 @@ def _data_url_image(url):
     if not head.endswith(";base64"):
         raise BadRequest("image_url data: URLs must be base64 (data:image/png;base64,...)")
     return _image(data)
-
-
-def _encode(image, fmt: str, quality: int | None) -> str:
-    buf = io.BytesIO()
-    options = {} if quality is None or fmt == "png" else {"quality": quality}
-    image.save(buf, format=FORMATS[fmt], **options)
-    return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.data.corpus import EncodedCorpus, encode_corpus, load_dataset
+from engine.data.corpus import EncodedCorpus, encoded_corpus, load_dataset
 from engine.data.packing import Packer, PackedBatch
 from engine.tokenizer.vocab import Vocab
 
@@ -26,18 +26,11 @@ SEED_OFFSET = 2    # the training corpus draws with the run's seed, instruction 
 
 def build_sets(cfg, text, vq, data_dir, progress: bool = True) -> dict[str, EncodedCorpus]:
     """The run's validation sets, tokenised once and kept in data_dir/<name>.safetensors."""
-    sets = {}
-    for name, split in SPLITS.get(cfg.data.dataset, {}).items():
-        path = data_dir / f"{name}.safetensors"
-        if path.is_file():
-            sets[name] = EncodedCorpus.load(path)
-            continue
-        pictures = load_dataset(cfg.data.dataset, split, cfg.image, cfg.data.eval_size,
-                                cfg.train.seed + SEED_OFFSET)
-        sets[name] = encode_corpus(pictures, text, vq, progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sets[name].save(path)
-    return sets
+    return {name: encoded_corpus(
+                data_dir / f"{name}.safetensors",
+                load_dataset(cfg.data.dataset, split, cfg.image, cfg.data.eval_size,
+                             cfg.train.seed + SEED_OFFSET), text, vq, progress)
+            for name, split in SPLITS.get(cfg.data.dataset, {}).items()}
 
 
 def plain_document(caption: list[int], codes: list[int], vocab: Vocab) -> list[int]:

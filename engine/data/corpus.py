@@ -95,6 +95,17 @@ def encode_corpus(dataset, text_tok, vq, batch: int = 128, progress: bool = True
     return EncodedCorpus(captions, torch.cat(codes))
 
 
+def encoded_corpus(path: Path, dataset, text_tok, vq, progress: bool = True) -> EncodedCorpus:
+    """`dataset` tokenised: loaded from `path` when a run already encoded it there, else
+    encoded (encode_corpus) and saved there."""
+    if path.is_file():
+        return EncodedCorpus.load(path)
+    corpus = encode_corpus(dataset, text_tok, vq, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    corpus.save(path)
+    return corpus
+
+
 def build_document(caption: list[int], codes, vocab: Vocab, train: TrainConfig, data: DataConfig,
                    rng: np.random.Generator,
                    retrieved: list[tuple[list[int], list[int]]] | None = None) -> list[int]:

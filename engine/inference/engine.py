@@ -93,9 +93,7 @@ class Engine:
         chosen, for streaming (sample_index counts before any re-ranking by the scorer)."""
         prompt_list = _as_prompt_list(prompts)
         params = SamplingParams() if params is None else params
-        settings = per_prompt(params, len(prompt_list), "SamplingParams")
-        for sp in settings:
-            sp.validate()
+        settings = per_prompt(params, len(prompt_list), "SamplingParams")  # decode validates
         made: dict[int, torch.Generator] = {}   # one per SamplingParams object
         for sp in settings:
             if id(sp) not in made:
