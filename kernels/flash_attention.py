@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 import triton
-from triton.runtime import _allocation
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.flash_attention_bwd import (flash_bwd_dkdv_kernel, flash_bwd_dq_kernel,
                                          flash_bwd_preprocess_kernel)
@@ -40,12 +40,13 @@ class Blocks(NamedTuple):
     # How the forward runs its key loop (the backward always uses "ptr"):
     #  "ptr": pointer arithmetic with masked loads (any strides, any GPU);
     #  "tma": Hopper's tensor-memory accelerator via tensor descriptors (see tma_ready);
-    #  "ptr_lazy", "tma_lazy": the accumulator rescaled only when a row maximum jumps;
-    #  "tma_ws": TMA plus Triton's warp specialisation of the key loop.
+    #  "ptr_lazy", "tma_lazy": the accumulator rescaled only when a row maximum jumps.
+    # (A TMA loop under Triton's warp specialisation, tried on an H100 with Triton 3.6, ran at
+    # half the pointer loop's speed and gave NaNs with three stages; it was dropped.)
     variant: str = "ptr"
 
 
-VARIANTS = ("ptr", "ptr_lazy", "tma", "tma_lazy", "tma_ws")
+VARIANTS = ("ptr", "ptr_lazy", "tma", "tma_lazy")
 
 
 # Hopper (H100/H200) tiles, keyed on (pass, head-dim bucket, causal): the fastest correct
@@ -57,7 +58,8 @@ VARIANTS = ("ptr", "ptr_lazy", "tma", "tma_lazy", "tma_ws")
 #  - forward, causal d=128: one warpgroup (4 warps) on 64x64 tiles beat 8 warps on 128-row
 #    tiles (0.61-0.62 ms against 0.63-0.66): the 64-row wgmma slice is the native shape, and
 #    small tiles waste less work on the diagonal. 4 warps on 128-row tiles spill the fp32
-#    accumulator (1.1 ms). Without the mask, 128x64 tiles over 8 warps edge ahead.
+#    accumulator (1.1 ms). Without the mask, 64x64 tiles read by TMA win (1.07 ms against
+#    1.09-1.16 for the pointer tiles; session 14, in-kernel descriptors).
 #  - forward, d=64: the accumulator is half the size, so 128-row tiles over 8 warps win.
 #  - dK/dV: two fp32 [BLOCK_N, d] accumulators per program; at d=128, 128-key tiles over 8
 #    warps against 64-row query tiles; at d=64, 4 warps on 32-row query tiles.
@@ -69,7 +71,7 @@ _HOPPER = {
     ("fwd", 64, True): Blocks(128, 64, 8, 3),
     ("fwd", 64, False): Blocks(128, 64, 8, 3),
     ("fwd", 128, True): Blocks(64, 64, 4, 3),
-    ("fwd", 128, False): Blocks(128, 64, 8, 3),
+    ("fwd", 128, False): Blocks(64, 64, 4, 3, "tma"),
     ("dkdv", 64, True): Blocks(32, 64, 4, 3),
     ("dkdv", 64, False): Blocks(32, 128, 4, 3),
     ("dkdv", 128, True): Blocks(64, 128, 8, 3),
@@ -167,16 +169,9 @@ def fwd_variant(blk: Blocks, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return "ptr_lazy" if blk.variant.endswith("_lazy") else "ptr"
 
 
-def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_scratch_allocator() -> None:
-    """Tensor descriptors made inside a kernel live in a little global memory per program,
-    which Triton asks of the allocator given to triton.set_allocator (a context variable).
-    Give it torch's caching allocator, unless the caller already set one of their own."""
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
+def _head_tiles(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A TMA descriptor of a [B, H, S, d] tensor whose blocks are `rows` rows of one head."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
 
 
 def doc_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,19 +212,20 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     blk = pick_blocks("fwd", d, causal, q.dtype)
     variant = fwd_variant(blk, q, k, v)
     tma = variant.startswith("tma")
-    if tma and q.device.type == "cuda":
-        _ensure_scratch_allocator()
+    tensors = (q, k, v, out)
+    if tma:
+        tensors = (_head_tiles(q, blk.block_m), _head_tiles(k, blk.block_n),
+                   _head_tiles(v, blk.block_n), _head_tiles(out, blk.block_m))
     groups = heads // k.shape[1]
     # A program reads its kv head's K and V, shared by `groups` query heads.
     group = head_group(batch * heads, 2 * sk * d * k.element_size() // groups, causal)
     flash_fwd_kernel[launch_grid(triton.cdiv(sq, blk.block_m), batch * heads)](
-        q, k, v, out, lse, start, end,
+        *tensors, lse, start, end,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         heads, groups, sq, sk, scale * LOG2E, group,
         HEAD_DIM=d, BLOCK_D=max(triton.next_power_of_2(d), 16),
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, CAUSAL=causal, VARLEN=varlen,
-        DOT_PRECISION=_dot_precision(q.dtype), TMA=tma, WARP_SPECIALIZE=variant == "tma_ws",
-        EVEN_K=tma and sk % blk.block_n == 0, LAZY_RESCALE=variant.endswith("_lazy"),
+        DOT_PRECISION=_dot_precision(q.dtype), TMA=tma, EVEN_K=tma and sk % blk.block_n == 0, LAZY_RESCALE=variant.endswith("_lazy"),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out, lse
 

@@ -21,13 +21,12 @@ throughout. The backward kernels split their loops the same way.
 
 Ways to run the key loop (kernels/flash_attention.py picks one per tile-table entry):
 pointers with masked loads (any strides, any GPU); Hopper's tensor-memory accelerator (TMA)
-through per-(batch, head) tensor descriptors, which copies whole tiles into shared memory
-with the copy engine instead of the threads; either of them with lazy rescaling (the
-accumulator is rescaled only when a row maximum jumps by more than 2^8, FlashAttention-4's
-trick); and TMA with Triton's warp specialisation, where producer warps issue the copies and
-the consumer warpgroup only computes. Adding them left the plain pointer path's sm_90 code
-unchanged (Triton 3.6); the launch order (flash_attention_order.py) later changed only how a
-program finds its tile.
+through tensor descriptors of the whole [B, H, S, d] tensors, made on the host and passed as
+kernel arguments, which copies whole tiles into shared memory with the copy engine instead
+of the threads; either of them with lazy rescaling (the accumulator is rescaled only when a
+row maximum jumps by more than 2^8, FlashAttention-4's trick). Adding them left the plain
+pointer path's sm_90 code unchanged (Triton 3.6); the launch order (flash_attention_order.py)
+later changed only how a program finds its tile.
 """
 from __future__ import annotations
 
@@ -94,7 +93,7 @@ def full_key_end(start_m, lo, hi, SQ, SK, BLOCK_N: tl.constexpr, CAUSAL: tl.cons
 def mask_tma_scores(s, qi, kj, SQ, SK, q_doc_start, q_doc_end, CAUSAL: tl.constexpr,
                     VARLEN: tl.constexpr, EVEN_K: tl.constexpr):
     """The forward's score mask for tiles read by TMA, keeping only the tests that can fail
-    (the warp-specialised loop runs it on every block). Query rows past SQ are never stored
+    on the diagonal and the ragged end. Query rows past SQ are never stored
     and see at least one key, so need none; keys past SK arrive as zeros and need one unless
     SK is a multiple of BLOCK_N (EVEN_K: no block reaches past SK)."""
     if CAUSAL:
@@ -183,19 +182,19 @@ def fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m,
 
 
 @triton.jit
-def fwd_key_blocks_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, start, stop, SQ, SK,
+def fwd_key_blocks_tma(acc, l_i, m_i, q, K, V, b, kvh, offs_m, start, stop, SQ, SK,
                        scale_log2, q_doc_start, q_doc_end, BLOCK_N: tl.constexpr,
-                       CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MASKED: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-                       WARP_SPECIALIZE: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+                       BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                       MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       EVEN_K: tl.constexpr, LAZY_RESCALE: tl.constexpr):
     """fwd_key_blocks with K and V read through tensor descriptors (Hopper's TMA engine):
-    whole tiles are copied into shared memory by the hardware, with rows past SK filled
-    with zeros, so neither loop needs address arithmetic or load masks. WARP_SPECIALIZE asks
-    the compiler to give the copies their own warps (a producer/consumer split)."""
+    whole [1, 1, BLOCK_N, d] tiles of head (b, kvh) are copied into shared memory by the
+    hardware, with rows past SK filled with zeros, so neither loop needs address arithmetic
+    or load masks."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        kt = k_desc.load([start_n, 0]).T
-        v = v_desc.load([start_n, 0])
+    for start_n in range(start, stop, BLOCK_N):
+        kt = K.load([b, kvh, start_n, 0]).reshape([BLOCK_N, BLOCK_D]).T
+        v = V.load([b, kvh, start_n, 0]).reshape([BLOCK_N, BLOCK_D])
         acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, kt, v, offs_m, start_n + offs_n0, SQ, SK,
                                  scale_log2, q_doc_start, q_doc_end, CAUSAL, VARLEN, MASKED,
                                  DOT_PRECISION, True, EVEN_K, LAZY_RESCALE)
@@ -212,18 +211,19 @@ def flash_fwd_kernel(
     H, GROUPS, SQ, SK, scale_log2, HEAD_GROUP,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
-    WARP_SPECIALIZE: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False, EVEN_K: tl.constexpr = False,
     LAZY_RESCALE: tl.constexpr = False,
 ):
-    """TMA=True reads Q, K, V and writes O through tensor descriptors made here, one per
-    (batch, head) [S, d] matrix, so a tile never reaches into the next head and the ragged
-    end needs no masks. It needs a unit last stride, 16-byte aligned bases and strides and
-    HEAD_DIM == BLOCK_D (the launcher checks); the pointer path takes any strides.
-    WARP_SPECIALIZE=True (implies TMA) runs one warp-specialised key loop. EVEN_K (SK a
-    multiple of BLOCK_N) lets the TMA variants drop the key-bound test from their mask.
-    LAZY_RESCALE rescales the accumulator only when a row maximum jumps (either loads)."""
-    tl.static_assert(TMA or not WARP_SPECIALIZE, "WARP_SPECIALIZE needs TMA")
+    """TMA=True: Q, K, V and O are not pointers but host-made tensor descriptors of the
+    [B, H, S, d] tensors with [1, 1, rows, d] blocks (their strides then go unused). A tile
+    is addressed by (batch, head, row), so it never reaches into the next head, and the
+    ragged end needs no masks: rows past S read as zeros and are not written. The launcher
+    makes them only where TMA can address the tensors (unit last stride, 16-byte aligned
+    bases and strides, HEAD_DIM == BLOCK_D); the pointer path takes any strides. Descriptors
+    made on the host live in the kernel's parameters: made in the kernel, each program wrote
+    its four to global memory and fenced them before its first copy. EVEN_K (SK a multiple
+    of BLOCK_N) lets TMA drop the key-bound test from its mask. LAZY_RESCALE rescales the
+    accumulator only when a row maximum jumps (either loads)."""
     # Causal blocks near the end of the sequence do the most work: they go first, a few heads
     # at a time (flash_attention_order.py), so the grid does not end on long stragglers.
     pid_m, pid_bh = program_tile(tl.cdiv(SQ, BLOCK_M), HEAD_GROUP, CAUSAL)
@@ -236,21 +236,14 @@ def flash_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < SQ
 
-    q_base = Q + b * sqb + h * sqh
     if TMA:
-        q_desc = tl.make_tensor_descriptor(q_base, shape=[SQ, HEAD_DIM], strides=[sqs, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
-        q = q_desc.load([pid_m * BLOCK_M, 0])
+        b32 = pid_bh // H   # descriptor coordinates are 32-bit
+        q = Q.load([b32, h, pid_m * BLOCK_M, 0]).reshape([BLOCK_M, BLOCK_D])
     else:
-        q_ptrs = q_base + offs_m[:, None] * sqs + offs_d[None, :] * sqd
+        q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd
         q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * skb + kvh * skh
-    v_base = V + b * svb + kvh * svh
-    if TMA:   # apart from q's: merged, the pointer path's instructions would be reordered
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[SK, HEAD_DIM], strides=[sks, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[SK, HEAD_DIM], strides=[svs, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
+        k_base = K + b * skb + kvh * skh
+        v_base = V + b * svb + kvh * svh
 
     q_doc_start = offs_m
     q_doc_end = offs_m
@@ -264,22 +257,14 @@ def flash_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Whole, fully visible key blocks first (no masks), then the diagonal and the ragged end.
     mid = full_key_end(pid_m * BLOCK_M, lo, hi, SQ, SK, BLOCK_N, CAUSAL, VARLEN)
-    if WARP_SPECIALIZE:
-        # Triton's Hopper warp specialisation takes exactly one loop per kernel (a second
-        # loop, before or after, fails its pass), so every block goes through the masked
-        # body: a compare and a select per score buys the producer/consumer split.
+    if TMA:
         acc, l_i, m_i = fwd_key_blocks_tma(
-            acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, hi, SQ, SK, scale_log2, q_doc_start,
-            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, EVEN_K, True,
-            LAZY_RESCALE)
-    elif TMA:
-        acc, l_i, m_i = fwd_key_blocks_tma(
-            acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, mid, SQ, SK, scale_log2, q_doc_start,
-            q_doc_end, BLOCK_N, CAUSAL, VARLEN, False, DOT_PRECISION, EVEN_K, False,
+            acc, l_i, m_i, q, K, V, b32, kvh, offs_m, lo, mid, SQ, SK, scale_log2, q_doc_start,
+            q_doc_end, BLOCK_N, BLOCK_D, CAUSAL, VARLEN, False, DOT_PRECISION, EVEN_K,
             LAZY_RESCALE)
         acc, l_i, m_i = fwd_key_blocks_tma(
-            acc, l_i, m_i, q, k_desc, v_desc, offs_m, mid, hi, SQ, SK, scale_log2, q_doc_start,
-            q_doc_end, BLOCK_N, CAUSAL, VARLEN, True, DOT_PRECISION, EVEN_K, False,
+            acc, l_i, m_i, q, K, V, b32, kvh, offs_m, mid, hi, SQ, SK, scale_log2, q_doc_start,
+            q_doc_end, BLOCK_N, BLOCK_D, CAUSAL, VARLEN, True, DOT_PRECISION, EVEN_K,
             LAZY_RESCALE)
     else:
         acc, l_i, m_i = fwd_key_blocks(
@@ -295,9 +280,8 @@ def flash_fwd_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     if TMA:
-        o_desc = tl.make_tensor_descriptor(O + b * sob + h * soh, shape=[SQ, HEAD_DIM],
-                                           strides=[sos, 1], block_shape=[BLOCK_M, BLOCK_D])
-        o_desc.store([pid_m * BLOCK_M, 0], out.to(O.dtype.element_ty))
+        O.store([b32, h, pid_m * BLOCK_M, 0],
+                out.to(q.dtype).reshape([1, 1, BLOCK_M, BLOCK_D]))
     else:
         o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

@@ -7,13 +7,18 @@ For each pass (forward, dK/dV, dQ), head-dim bucket (64, 128) and mask (causal, 
 times a short list of candidate tiles at the benchmark's shape (b * s = 16k tokens,
 h * d = 2048, bf16), one candidate at a time in the kernels' own tile table, and keeps the
 fastest whose output matches the reference. Forward candidates also name a loop variant
-(pointers or TMA, lazy rescaling, warp specialisation; see Blocks.variant), so the table
+(pointers or TMA, lazy rescaling; see Blocks.variant), so the table
 records the variant that won. A tile the compiler rejects (too much shared memory, too many
 registers) is reported and skipped. The backward kinds are timed as the
 whole backward op, so a dK/dV tile is compared with the dQ tile held fixed (and vice versa).
 The current table's entry is always among the candidates, so the result is never slower
 than it as measured here. A time budget stops the sweep early; the table is rewritten after
 every key, so what was measured is kept even if the process dies.
+
+A GPU's clock drifts while a sweep heats it: on an H100 the same forward tile timed 0.58 ms
+as the sweep's first candidate and 0.62-0.66 ms minutes later. So the sweep only shortlists:
+the fastest few of each key (the current entry among them) are timed again in alternating
+rounds, and the one with the best median over the rounds wins.
 """
 from __future__ import annotations
 
@@ -34,9 +39,7 @@ from kernels.flash_attention import Blocks  # noqa: E402
 # the table's reasoning (see kernels/flash_attention.py), plus the neighbours most often best
 # on Hopper. The forward's new variants come first (the untested ones, in case the budget
 # runs out). At d=128 the 64x64 TMA tile with three stages takes 113 KiB of shared memory,
-# exactly two programs per SM; 64x32 fits three. "tma_ws" only with 4 warps: that is the
-# count Triton's Hopper warp specialisation splits (the compiled kernel has 12 warps at 168
-# registers, one program per SM; with 8 it stays unspecialised). Pointer tiles that spilled
+# exactly two programs per SM; 64x32 fits three. Pointer tiles that spilled
 # registers in ptxas (64x128 with three stages, 128x64 on 4 warps) are left out. Every
 # forward candidate compiles for sm_90 on Triton 3.6 and 3.9 without a GPU
 # (tests/ops/test_flash_attention_compile.py checks the list).
@@ -46,7 +49,6 @@ CANDIDATES = {
             (128, 64, 8, 3, "tma"), (128, 128, 8, 2, "tma"), (128, 128, 8, 3, "tma"),
             (64, 64, 4, 3, "tma_lazy"), (64, 64, 4, 2, "tma_lazy"), (64, 32, 4, 3, "tma_lazy"),
             (128, 64, 8, 3, "tma_lazy"), (128, 128, 8, 2, "tma_lazy"),
-            (64, 64, 4, 2, "tma_ws"), (64, 64, 4, 3, "tma_ws"), (64, 128, 4, 2, "tma_ws"),
             (64, 64, 4, 3, "ptr_lazy"), (64, 64, 4, 2, "ptr_lazy"), (128, 64, 8, 3, "ptr_lazy"),
             (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 4), (64, 128, 4, 2),
             (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2),
@@ -90,6 +92,17 @@ def measure(kind, d, causal, seq, cand, ref):
     err = (got.float() - ref).abs().max().item()
     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     return float(ms), err
+
+
+def confirm(kind, d, causal, seq, shortlist, ref, rounds=3):
+    """{candidate: median ms} over `rounds` alternating rounds (the order reversed every
+    other round), so a drifting clock favours no candidate."""
+    import statistics
+    times = {cand: [] for cand in shortlist}
+    for r in range(rounds):
+        for cand in (shortlist if r % 2 == 0 else shortlist[::-1]):
+            times[cand].append(measure(kind, d, causal, seq, cand, ref)[0])
+    return {cand: statistics.median(ms) for cand, ms in times.items()}
 
 
 def reference(kind, d, causal, seq):
@@ -163,6 +176,21 @@ def main(argv=None) -> int:
                             current=cand == current))
             if ok and (best is None or ms < best[1]):
                 best = (cand, ms)
+        if best is not None:
+            ok_times = sorted((e["ms"], Blocks(*e["blocks"], e["variant"])) for e in log
+                              if (e["kind"], e["head_dim"], e["causal"]) == (kind, d, causal)
+                              and e["ok"])
+            ranked = [c for _, c in ok_times]
+            shortlist = list(dict.fromkeys(ranked[:3] + [c for c in ranked if c == current]))
+            if len(shortlist) > 1 and time.time() - start <= args.budget_s + 30:
+                medians = confirm(kind, d, causal, args.seq, shortlist, ref)
+                for cand, ms in medians.items():
+                    print(f"   rounds {kind} d={d} causal={causal} {tuple(cand)}: {ms:.3f} ms"
+                          f" {tflops(args.seq, d, causal, kind, ms):.0f} TFLOP/s", flush=True)
+                    log.append(dict(kind=kind, head_dim=d, causal=causal, blocks=list(cand[:4]),
+                                    variant=cand.variant, ms=ms, rounds_median=True, ok=True,
+                                    current=cand == current))
+                best = min(medians.items(), key=lambda item: item[1])
         fa._HOPPER[(kind, d, causal)] = best[0] if best else current
         if best is not None:
             table.append(dict(kind=kind, head_dim=d, causal=causal, blocks=list(best[0][:4]),

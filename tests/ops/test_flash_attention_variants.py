@@ -1,10 +1,9 @@
 """The forward's loop variants other than the plain pointer loop ("ptr_lazy", "tma",
-"tma_lazy", "tma_ws") against the SDPA reference, and how the launcher chooses between them.
+"tma_lazy") against the SDPA reference, and how the launcher chooses between them.
 
-On CPU the interpreter runs the variants' code: tensor-descriptor loads (rows past the end
-read as zeros, stores clipped), the single always-masked loop of "tma_ws" (the interpreter
-has no warps to specialise, so it checks that loop's logic, not the split), and the lazy
-rescale on scores that jump mid-row. The `cuda` tests repeat them in bf16 where a GPU is
+On CPU the interpreter runs the variants' code: loads and stores through host-made tensor
+descriptors of whole [B, H, S, d] tensors (rows past a head's end read as zeros, stores
+clipped at it), and the lazy rescale on scores that jump mid-row. The `cuda` tests repeat them in bf16 where a GPU is
 present; scripts/tune_flash_attention.py times them.
 """
 from __future__ import annotations
@@ -100,10 +99,10 @@ def test_block_table_reads_variants(tmp_path):
     path = tmp_path / "blocks.json"
     path.write_text(json.dumps([
         {"kind": "fwd", "head_dim": 128, "causal": True, "blocks": [64, 64, 4, 3],
-         "variant": "tma_ws"},
+         "variant": "tma_lazy"},
         {"kind": "dq", "head_dim": 64, "causal": False, "blocks": [64, 64, 4, 3]}]))
     table = fa.load_block_table(str(path))
-    assert table[("fwd", 128, True)] == Blocks(64, 64, 4, 3, "tma_ws")
+    assert table[("fwd", 128, True)] == Blocks(64, 64, 4, 3, "tma_lazy")
     assert table[("dq", 64, False)].variant == "ptr"
 
 
