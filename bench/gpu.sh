@@ -4,12 +4,12 @@
 # a run cut short still returns what it finished:
 #   1. install (no deps: the GPU machine's torch/triton are used) and build engine._C with the
 #      CUDA kernels, in the background (it needs CPUs, the tuning needs the GPU);
-#   2. tune the forward's tiles and loop variant (pointers or TMA, lazy rescaling, warp
-#      specialisation; scripts/tune_flash_attention.py -> flash_blocks.json). The backward's
-#      tiles were swept in earlier sessions and are in the committed table; TUNE_KEYS=""
-#      sweeps every key;
+#   2. tune the forward's tiles and loop variant (pointers or TMA, lazy rescaling;
+#      scripts/tune_flash_attention.py -> flash_blocks.json). The backward's tiles were swept
+#      in earlier sessions and are in the committed table; TUNE_KEYS="" sweeps every key;
 #   3. the causal launch order: head by head against groups of heads under a few L2 budgets
-#      (scripts/attention_launch_order.py); the rest runs with the best budget;
+#      (scripts/attention_launch_order.py); the rest runs with the best budget. LAUNCH_ORDER=0
+#      skips it (the default budget then);
 #   4. the attention benchmark with the tuned tiles, read against the targets
 #      (bench/attention_targets.py): the headline, before anything a time limit may cut (the
 #      tuner already checked each tile's output at the target shape);
@@ -28,7 +28,11 @@ OUT_DIR=${1:-${OUT:-bench/out}}
 QUICK=${2:-}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 ENGINE_BUILD_CUDA=1
-log() { echo "== $(date +%T) $*" | tee -a "$OUT_DIR/gpu.log"; }
+# Each step's line also reads the GPU's clock, temperature and power: a sweep that heats the
+# card runs later steps at lower clocks, which the timings alone would hide.
+gpu_state() { nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv,noheader \
+  2>/dev/null | head -1; }
+log() { echo "== $(date +%T) [$(gpu_state)] $*" | tee -a "$OUT_DIR/gpu.log"; }
 # STEPS picks parts (default all): attention (2-5), span_loss (6), other (7), peers (8), so a
 # second call can finish what a first one cut short at the call's time limit.
 STEPS=${STEPS:-attention,span_loss,other,peers}
@@ -55,12 +59,14 @@ timeout 200 python scripts/tune_flash_attention.py --out "$OUT_DIR/flash_blocks.
   2>&1 | tee -a "$OUT_DIR/gpu.log"
 if [ -s "$OUT_DIR/flash_blocks.json" ]; then export ENGINE_FLASH_BLOCKS="$OUT_DIR/flash_blocks.json"; fi
 
-log "launch order: head by head against groups of heads (L2 budgets), with the tuned tiles"
-timeout 120 python scripts/attention_launch_order.py --json "$OUT_DIR/launch_order.json" 2>&1 \
-  | tee -a "$OUT_DIR/gpu.log"
-BEST_BUDGET=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['best_budget_mib'])" \
-  "$OUT_DIR/launch_order.json" 2>/dev/null)
-if [ -n "$BEST_BUDGET" ]; then export ENGINE_FLASH_L2_BUDGET_MIB="$BEST_BUDGET"; fi
+if [ "${LAUNCH_ORDER:-1}" != 0 ]; then
+  log "launch order: head by head against groups of heads (L2 budgets), with the tuned tiles"
+  timeout 120 python scripts/attention_launch_order.py --json "$OUT_DIR/launch_order.json" 2>&1 \
+    | tee -a "$OUT_DIR/gpu.log"
+  BEST_BUDGET=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['best_budget_mib'])" \
+    "$OUT_DIR/launch_order.json" 2>/dev/null)
+  if [ -n "$BEST_BUDGET" ]; then export ENGINE_FLASH_L2_BUDGET_MIB="$BEST_BUDGET"; fi
+fi
 log "L2 budget for the rest: ${ENGINE_FLASH_L2_BUDGET_MIB:-default} MiB"
 
 log "attention benchmark"
