@@ -28,8 +28,8 @@ OUT_DIR=${1:-${OUT:-bench/out}}
 QUICK=${2:-}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 ENGINE_BUILD_CUDA=1
-# Each step's line also reads the GPU's clock, temperature and power: a sweep that heats the
-# card runs later steps at lower clocks, which the timings alone would hide.
+# Each step's line also reads the GPU's SM clock, temperature and power, so that timings that
+# drift during a call (scripts/tune_flash_attention.py) can be read against the card's state.
 gpu_state() { nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv,noheader \
   2>/dev/null | head -1; }
 log() { echo "== $(date +%T) [$(gpu_state)] $*" | tee -a "$OUT_DIR/gpu.log"; }

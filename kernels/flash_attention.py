@@ -58,7 +58,11 @@ VARIANTS = ("ptr", "ptr_lazy", "tma", "tma_lazy")
 #  - forward, causal d=128: one warpgroup (4 warps) on 64x64 tiles beat 8 warps on 128-row
 #    tiles (0.61-0.62 ms against 0.63-0.66): the 64-row wgmma slice is the native shape, and
 #    small tiles waste less work on the diagonal. 4 warps on 128-row tiles spill the fp32
-#    accumulator (1.1 ms). Without the mask, 64x64 tiles read by TMA win (1.07 ms against
+#    accumulator (1.1 ms). Read by TMA through host-made descriptors, the 64x64 tile took
+#    0.601 ms against the pointer loop's 0.649 (medians of three alternating rounds, session
+#    14): the copy engine frees the threads of ~70 address instructions per key block. With
+#    descriptors made in the kernel, TMA had lost to the pointers on causal masks (0.63
+#    against 0.58 ms), where programs are short and each wrote and fenced its four first. Without the mask, 64x64 tiles read by TMA win (1.07 ms against
 #    1.09-1.16 for the pointer tiles; session 14, in-kernel descriptors).
 #  - forward, d=64: the accumulator is half the size, so 128-row tiles over 8 warps win.
 #  - dK/dV: two fp32 [BLOCK_N, d] accumulators per program; at d=128, 128-key tiles over 8
@@ -70,7 +74,7 @@ VARIANTS = ("ptr", "ptr_lazy", "tma", "tma_lazy")
 _HOPPER = {
     ("fwd", 64, True): Blocks(128, 64, 8, 3),
     ("fwd", 64, False): Blocks(128, 64, 8, 3),
-    ("fwd", 128, True): Blocks(64, 64, 4, 3),
+    ("fwd", 128, True): Blocks(64, 64, 4, 3, "tma"),
     ("fwd", 128, False): Blocks(64, 64, 4, 3, "tma"),
     ("dkdv", 64, True): Blocks(32, 64, 4, 3),
     ("dkdv", 64, False): Blocks(32, 128, 4, 3),

@@ -15,8 +15,9 @@ The current table's entry is always among the candidates, so the result is never
 than it as measured here. A time budget stops the sweep early; the table is rewritten after
 every key, so what was measured is kept even if the process dies.
 
-A GPU's clock drifts while a sweep heats it: on an H100 the same forward tile timed 0.58 ms
-as the sweep's first candidate and 0.62-0.66 ms minutes later. So the sweep only shortlists:
+One pass over the candidates is not a fair race: on an H100 the same forward tile timed
+0.58 ms as a sweep's first candidate and 0.62-0.66 ms minutes later in the same call (the SM
+clock read 1,980 MHz between steps, so the cause is not known). So the sweep only shortlists:
 the fastest few of each key (the current entry among them) are timed again in alternating
 rounds, and the one with the best median over the rounds wins.
 """
@@ -96,7 +97,7 @@ def measure(kind, d, causal, seq, cand, ref):
 
 def confirm(kind, d, causal, seq, shortlist, ref, rounds=3):
     """{candidate: median ms} over `rounds` alternating rounds (the order reversed every
-    other round), so a drifting clock favours no candidate."""
+    other round), so timings that drift during the call favour no candidate."""
     import statistics
     times = {cand: [] for cand in shortlist}
     for r in range(rounds):
