@@ -60,10 +60,12 @@ VARIANTS = ("ptr", "ptr_lazy", "tma", "tma_lazy")
 #    small tiles waste less work on the diagonal. 4 warps on 128-row tiles spill the fp32
 #    accumulator (1.1 ms). Read by TMA through host-made descriptors, the 64x64 tile took
 #    0.601 ms against the pointer loop's 0.649 (medians of three alternating rounds, session
-#    14): the copy engine frees the threads of ~70 address instructions per key block. With
+#    14): the copy engine takes over the address arithmetic, about 70 of the ~380
+#    instructions a thread runs per key block in the pointer loop (sm_90 SASS). With
 #    descriptors made in the kernel, TMA had lost to the pointers on causal masks (0.63
-#    against 0.58 ms), where programs are short and each wrote and fenced its four first. Without the mask, 64x64 tiles read by TMA win (1.07 ms against
-#    1.09-1.16 for the pointer tiles; session 14, in-kernel descriptors).
+#    against 0.58 ms), where programs are short and each wrote and fenced its four first.
+#    Without the mask, 64x64 tiles read by TMA win too (1.07 ms against 1.09-1.16 for the
+#    pointer tiles; session 14, in-kernel descriptors).
 #  - forward, d=64: the accumulator is half the size, so 128-row tiles over 8 warps win.
 #  - dK/dV: two fp32 [BLOCK_N, d] accumulators per program; at d=128, 128-key tiles over 8
 #    warps against 64-row query tiles; at d=64, 4 warps on 32-row query tiles.
@@ -229,7 +231,8 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         heads, groups, sq, sk, scale * LOG2E, group,
         HEAD_DIM=d, BLOCK_D=max(triton.next_power_of_2(d), 16),
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, CAUSAL=causal, VARLEN=varlen,
-        DOT_PRECISION=_dot_precision(q.dtype), TMA=tma, EVEN_K=tma and sk % blk.block_n == 0, LAZY_RESCALE=variant.endswith("_lazy"),
+        DOT_PRECISION=_dot_precision(q.dtype), TMA=tma, EVEN_K=tma and sk % blk.block_n == 0,
+        LAZY_RESCALE=variant.endswith("_lazy"),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out, lse
 

@@ -93,9 +93,9 @@ def full_key_end(start_m, lo, hi, SQ, SK, BLOCK_N: tl.constexpr, CAUSAL: tl.cons
 def mask_tma_scores(s, qi, kj, SQ, SK, q_doc_start, q_doc_end, CAUSAL: tl.constexpr,
                     VARLEN: tl.constexpr, EVEN_K: tl.constexpr):
     """The forward's score mask for tiles read by TMA, keeping only the tests that can fail
-    on the diagonal and the ragged end. Query rows past SQ are never stored
-    and see at least one key, so need none; keys past SK arrive as zeros and need one unless
-    SK is a multiple of BLOCK_N (EVEN_K: no block reaches past SK)."""
+    on the diagonal and the ragged end. Query rows past SQ are never stored and see at least
+    one key, so need none; keys past SK arrive as zeros and need one unless SK is a multiple
+    of BLOCK_N (EVEN_K: no block reaches past SK)."""
     if CAUSAL:
         s = tl.where(kj <= qi + (SK - SQ), s, float("-inf"))
     if VARLEN:

@@ -7,9 +7,9 @@ For each pass (forward, dK/dV, dQ), head-dim bucket (64, 128) and mask (causal, 
 times a short list of candidate tiles at the benchmark's shape (b * s = 16k tokens,
 h * d = 2048, bf16), one candidate at a time in the kernels' own tile table, and keeps the
 fastest whose output matches the reference. Forward candidates also name a loop variant
-(pointers or TMA, lazy rescaling; see Blocks.variant), so the table
-records the variant that won. A tile the compiler rejects (too much shared memory, too many
-registers) is reported and skipped. The backward kinds are timed as the
+(pointers or TMA, lazy rescaling; see Blocks.variant), so the table records the variant that
+won. A tile the compiler rejects (too much shared memory, too many registers) is reported
+and skipped. The backward kinds are timed as the
 whole backward op, so a dK/dV tile is compared with the dQ tile held fixed (and vice versa).
 The current table's entry is always among the candidates, so the result is never slower
 than it as measured here. A time budget stops the sweep early; the table is rewritten after
@@ -38,12 +38,11 @@ from kernels.flash_attention import Blocks  # noqa: E402
 
 # Candidates per pass, (block_m, block_n, num_warps, num_stages[, forward variant]): around
 # the table's reasoning (see kernels/flash_attention.py), plus the neighbours most often best
-# on Hopper. The forward's new variants come first (the untested ones, in case the budget
-# runs out). At d=128 the 64x64 TMA tile with three stages takes 113 KiB of shared memory,
-# exactly two programs per SM; 64x32 fits three. Pointer tiles that spilled
-# registers in ptxas (64x128 with three stages, 128x64 on 4 warps) are left out. Every
-# forward candidate compiles for sm_90 on Triton 3.6 and 3.9 without a GPU
-# (tests/ops/test_flash_attention_compile.py checks the list).
+# on Hopper. The TMA and lazy variants come first, the pointer tiles after. At d=128 the
+# 64x64 TMA tile with three stages takes 113 KiB of shared memory, exactly two programs per
+# SM; 64x32 fits three. Pointer tiles that spilled registers in ptxas (64x128 with three
+# stages, 128x64 on 4 warps) are left out. Every forward candidate compiles for sm_90 on
+# Triton 3.6 and 3.9 without a GPU (tests/ops/test_flash_attention_compile.py checks the list).
 CANDIDATES = {
     "fwd": [(64, 64, 4, 3, "tma"), (64, 64, 4, 4, "tma"), (64, 64, 4, 2, "tma"),
             (64, 32, 4, 3, "tma"), (64, 32, 4, 4, "tma"), (64, 128, 4, 2, "tma"),

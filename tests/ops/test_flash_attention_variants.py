@@ -3,8 +3,8 @@
 
 On CPU the interpreter runs the variants' code: loads and stores through host-made tensor
 descriptors of whole [B, H, S, d] tensors (rows past a head's end read as zeros, stores
-clipped at it), and the lazy rescale on scores that jump mid-row. The `cuda` tests repeat them in bf16 where a GPU is
-present; scripts/tune_flash_attention.py times them.
+clipped at it), and the lazy rescale on scores that jump mid-row. The `cuda` tests repeat
+them in bf16 where a GPU is present; scripts/tune_flash_attention.py times them.
 """
 from __future__ import annotations
 
