@@ -79,7 +79,7 @@ timeout 150 python -m pytest -q -m cuda --timeout 120 -p no:cacheprovider -rfE $
 tail -8 "$OUT_DIR/cuda_tests_attention.txt" | tee -a "$OUT_DIR/gpu.log"
 
 log "launch overhead of the forward (wrapper / op / CUDA graph)"
-timeout 60 python scripts/attention_launch_overhead.py 2>&1 | tee -a "$OUT_DIR/gpu.log"
+timeout 60 python scripts/attention_launch_overhead.py --profile 2>&1 | tee -a "$OUT_DIR/gpu.log"
 fi
 
 if want span_loss; then

@@ -1,7 +1,7 @@
 """How much of the Triton forward's benchmark time is the GPU, and how much the Python that
 launches it (GPU only).
 
-  python scripts/attention_launch_overhead.py [--seq 4096] [--head-dim 128] [--full]
+  python scripts/attention_launch_overhead.py [--seq 4096] [--head-dim 128] [--full] [--profile]
 
 Session 5's tile sweep timed the d=128 causal 4k forward at 0.61-0.62 ms, while
 bench/run.py measured the same kernel at 0.64-0.67 ms in the same call. triton's do_bench
@@ -11,11 +11,18 @@ waits inside the timed window. This times the forward four ways at the benchmark
   wrapper     flash_attention(q, k, v) under no_grad, as bench/attention.py does;
   op          the custom op engine::flash_attention directly, as the tile sweep does;
   graph       a CUDA graph of the op replayed: GPU time with no Python in the window;
-  cpu launch  Python time per call of the wrapper at a shape the GPU finishes at once.
+  cpu launch  Python time per call of the wrapper at a shape the GPU finishes at once, for
+              the table's loop variant and for the pointer loop: the TMA variant takes host-made
+              tensor descriptors, and launching it cost 256 us against 90 on an H100 (session
+              14's runs 4 and 3, one variant each). --profile adds where that time goes
+              (cProfile, the busiest functions).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -41,12 +48,31 @@ def cpu_launch_us(q, k, v, causal: bool, calls: int = 300) -> float:
     return elapsed / calls * 1e6
 
 
+def launch_profile(q, k, v, causal: bool, calls: int = 300, top: int = 14) -> str:
+    """cProfile's busiest functions (by own time) over `calls` launches of the wrapper."""
+    with torch.no_grad():
+        for _ in range(20):
+            fa.flash_attention(q, k, v, causal=causal)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fa.flash_attention(q, k, v, causal=causal)
+        prof.disable()
+        torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--full", action="store_true", help="no causal mask")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the Python of the table variant's launch")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
@@ -86,7 +112,17 @@ def main(argv=None) -> int:
         ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
         print(f"  {name:<8} {ms:.4f} ms  {flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s")
     small = [x[:1, :1, :128].contiguous() for x in (q, k, v)]
-    print(f"  cpu launch {cpu_launch_us(*small, causal):.1f} us per flash_attention() call")
+    key = ("fwd", 64 if d <= 64 else 128, causal)
+    table = fa._HOPPER[key]
+    try:
+        for variant in dict.fromkeys([table.variant, "ptr"]):
+            fa._HOPPER[key] = table._replace(variant=variant)
+            us = cpu_launch_us(*small, causal)
+            print(f"  cpu launch {us:.1f} us per flash_attention() call ({variant})")
+    finally:
+        fa._HOPPER[key] = table
+    if args.profile:
+        print(launch_profile(*small, causal))
     return 0
 
 
