@@ -159,6 +159,12 @@ def train_model(model: Transformer, stream_factory, vocab, cfg: TrainConfig, run
                     started = time.time()
                     measured = {f"{name}_loss": validation_loss(model, batches, device, use_bf16)
                                 for name, batches in validation.items()}
+                    if average is not None:   # the weights inference will use, too
+                        with average.applied(model):
+                            measured.update({
+                                f"{name}_ema_loss": validation_loss(model, batches, device,
+                                                                    use_bf16)
+                                for name, batches in validation.items()})
                     t0 += time.time() - started  # tokens/s counts training time only
                 if dp.main and (done % cfg.log_every == 0 or done == cfg.steps or stopping
                                 or validating):

@@ -6,9 +6,11 @@ image <eos> (no CM3 spans, no condition dropout), so each reading is the same me
 the loss per token of text -> image documents, comparable across steps and runs. The shapes
 data has two: fresh pictures of the trained colour-shape pairs ("val") and pictures of the
 held-out pairs ("val_heldout_pairs"), whose gap to "val" follows the generalisation that the
-held-out prompt accuracy measures at the end. The model is measured as it trains (not its
-EMA), in the training's autocast, with no gradient and no random draw, so a run's training is
-the same with validation on or off.
+held-out prompt accuracy measures at the end. The model is measured as it trains, and, when
+the run keeps an EMA of its weights (train.ema_decay > 0), with the EMA too, as
+<set>_ema_loss: those are the weights inference uses. Both in the training's autocast, with
+no gradient and no random draw, and the training weights are put back bit for bit after the
+EMA's turn, so a run's training is the same with validation on or off.
 """
 from __future__ import annotations
 

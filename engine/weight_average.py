@@ -12,6 +12,8 @@ parameters' dtype, and are keyed like the model's checkpoint tensors (tied weigh
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -53,6 +55,21 @@ class WeightAverage:
         """Overwrite the model's weights with the average (tied weights follow)."""
         for name, p in _unique_parameters(model).items():
             p.copy_(self.shadow[name].to(p.dtype))
+
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """Inside the block the model holds the average; after it, its own weights again, bit
+        for bit (they wait in host memory meanwhile, so the device holds no second copy)."""
+        saved = {name: p.detach().to("cpu", copy=True)
+                 for name, p in _unique_parameters(model).items()}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in _unique_parameters(model).items():
+                    p.copy_(saved[name])
 
 
 def _unique_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -78,3 +78,29 @@ def test_validating_leaves_the_training_as_it_was(tmp_path):
     assert [r["step"] for r in records] == [3, 4, 6]   # eval steps join the log steps
     assert [("val_loss" in r) for r in records] == [True, False, True]
     assert all("val_loss" not in r for r in _read_metrics(tmp_path / "plain"))
+
+
+def test_the_average_is_validated_too_and_the_training_weights_come_back(tmp_path):
+    """With an EMA the validation sets are also measured on the averaged weights (the ones
+    inference uses), and the training weights go back bit for bit afterwards."""
+    tcfg = dataclasses.replace(get_preset("tiny").train, steps=6, batch_size=2, warmup_steps=2,
+                               checkpoint_every=100, log_every=4, eval_every=3, ema_decay=0.9,
+                               autocast_bf16=False)
+    val = {"val": Packer(iter(_docs(9, seed=2)), VOCAB, 64).all_batches(2)}
+    models = {}
+    for name, sets in (("plain", None), ("validated", val)):
+        torch.manual_seed(0)
+        models[name] = Transformer(small_model_config(), VOCAB.size)
+        (tmp_path / name).mkdir()
+        train_model(models[name], random_documents, VOCAB, tcfg, tmp_path / name,
+                    torch.device("cpu"), resume=False, progress=False, validation=sets)
+    plain, validated = (models[n].state_dict() for n in ("plain", "validated"))
+    for k in plain:   # the EMA the models leave training with is the same too
+        assert torch.equal(plain[k], validated[k]), k
+    records = _read_metrics(tmp_path / "validated")
+    assert [("val_ema_loss" in r) for r in records] == [True, False, True]
+    last = records[-1]
+    # The model leaves training holding the EMA: measuring it now repeats the last reading.
+    again = validation.loss(models["validated"], val["val"], torch.device("cpu"), use_bf16=False)
+    assert abs(last["val_ema_loss"] - again) < 1e-6
+    assert abs(last["val_ema_loss"] - last["val_loss"]) > 1e-4   # two different weight sets
