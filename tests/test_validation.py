@@ -104,3 +104,31 @@ def test_the_average_is_validated_too_and_the_training_weights_come_back(tmp_pat
     again = validation.loss(models["validated"], val["val"], torch.device("cpu"), use_bf16=False)
     assert abs(last["val_ema_loss"] - again) < 1e-6
     assert abs(last["val_ema_loss"] - last["val_loss"]) > 1e-4   # two different weight sets
+
+
+def test_the_loss_curve_pairs_each_set_with_its_ema(tmp_path):
+    """loss.png: a line for the training loss, and per validation set one line for the
+    training weights and a dashed one of the same colour for the EMA."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from engine.eval import report
+    metrics = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "val_loss": 2.5,
+                                          "val_ema_loss": 2.4, "b_loss": 2.8}]
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn.update({line.get_label(): line for line in fig.axes[0].get_lines()})
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        report.write_loss_curve(metrics, tmp_path / "loss.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(drawn) == {"training (CM3, target positions)", "val", "val (EMA)", "b"}
+    assert drawn["val"].get_color() == drawn["val (EMA)"].get_color() != drawn["b"].get_color()
+    assert drawn["val (EMA)"].get_linestyle() == "--" and drawn["val"].get_linestyle() == "-"

@@ -19,9 +19,16 @@ def write_loss_curve(metrics: list[dict], path: Path) -> None:
     ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1.2,
             label="training (CM3, target positions)")
     measured = sorted({k for m in metrics for k in m if k.endswith("_loss")})
-    for key in measured:  # validation sets (engine/validation.py): caption -> image documents
-        points = [(m["step"], m[key]) for m in metrics if key in m]
-        ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=key.removesuffix("_loss"))
+    # Validation sets (engine/validation.py): caption -> image documents. A set's reading on
+    # the EMA weights (<set>_ema_loss) shares its colour, dashed.
+    sets = [k.removesuffix("_loss") for k in measured if not k.endswith("_ema_loss")]
+    for i, name in enumerate(sets):
+        for key, style, label in ((f"{name}_loss", "-", name),
+                                  (f"{name}_ema_loss", "--", f"{name} (EMA)")):
+            points = [(m["step"], m[key]) for m in metrics if key in m]
+            if points:
+                ax.plot(*zip(*points), style, color=f"C{i + 1}", marker="o", ms=3, lw=1.2,
+                        label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss per token")
     ax.set_yscale("log")
