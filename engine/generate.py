@@ -6,6 +6,7 @@
   python -m engine.generate --run runs/tiny --image shape.png --prompt "make it blue" --out e.png
   python -m engine.generate --run runs/tiny --prompt "a <mask> circle" --output text
   python -m engine.generate --run runs/tiny --prompts prompts.txt --out-dir samples/  (batch)
+  python -m engine.generate --run runs/tiny --prompts pictures.jsonl --out-dir captions/
 
 What comes out (--output overrides): no --image -> an image; --image alone -> text (a
 caption); --image with a prompt ending in "?" -> text (the answer); --image with any other
@@ -15,7 +16,8 @@ PNG (a grid when --n > 1); text goes to stdout, one line per sample. Sampling: C
 contrastive decoding, then temperature (0 = greedy), TopK (0 = off) and TopP.
 
 --prompts FILE samples one prompt a line in batches into --out-dir, one PNG per image sample
-and results.jsonl, and continues an interrupted job (engine/batch_generation.py).
+and results.jsonl, and continues an interrupted job (engine/batch_generation.py). A .jsonl
+FILE takes pictures too: one {"prompt": ..., "image": ...} a line, either key optional.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--run", type=Path, required=True, help="a run directory from python -m engine.train")
     ap.add_argument("--prompt", default=None, help="caption, question, instruction or text with <mask>")
     ap.add_argument("--prompts", type=Path, default=None, metavar="FILE",
-                    help="a text file, one prompt a line: sample them all into --out-dir")
+                    help="one prompt a line (or a .jsonl file of {\"prompt\", \"image\"} "
+                         "objects): sample them all into --out-dir")
     ap.add_argument("--out-dir", type=Path, default=None,
                     help="with --prompts: where the PNGs and results.jsonl go")
     ap.add_argument("--batch-size", type=int, default=16,

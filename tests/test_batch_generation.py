@@ -102,3 +102,63 @@ def test_each_line_has_a_seed_of_its_own(run_dir, tmp_path):
     out = tmp_path / "out"
     assert _sample(run_dir, path, out) == 0
     assert (out / "00000_0.png").read_bytes() != (out / "00001_0.png").read_bytes()
+
+
+@pytest.fixture()
+def picture_prompts(tmp_path):
+    """A .jsonl job over two pictures: a caption, a question and a text line. (An edit, a
+    picture in and one out, does not fit the untrained run's 96-token context.)"""
+    folder = tmp_path / "job"
+    (folder / "pics").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(folder / "pics" / "a.png")
+    Image.new("RGB", (16, 16), "blue").save(folder / "pics" / "b.png")
+    lines = [{"image": "pics/a.png"}, {"image": "pics/b.png", "prompt": "what colour is it?"},
+             {"prompt": "a red circle"}]
+    path = folder / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    return path
+
+
+def test_jsonl_lines_caption_and_answer_about_pictures(run_dir, picture_prompts, tmp_path):
+    out = tmp_path / "out"
+    assert _sample(run_dir, picture_prompts, out, "--batch-size", "3") == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["image"] and r["image"].split("/")[-1]) for r in records] == [
+        (None, "a.png"), ("what colour is it?", "b.png"), ("a red circle", None)]
+    caption, answer, drawn = records
+    for r in (caption, answer):   # text out, two samples each
+        assert r["images"] == [] and len(r["texts"]) == 2
+    assert drawn["images"] == ["00002_0.png", "00002_1.png"]
+    # One job in batches of 1 and of 4 writes the same bytes.
+    assert _sample(run_dir, picture_prompts, tmp_path / "one", "--batch-size", "1") == 0
+    assert _sample(run_dir, picture_prompts, tmp_path / "four", "--batch-size", "4") == 0
+    assert _contents(tmp_path / "one") == _contents(tmp_path / "four")
+
+
+def test_a_caption_line_matches_the_single_image_command(run_dir, picture_prompts, tmp_path,
+                                                          capsys):
+    """Line 0 ({"image"} alone, seed 7 + 0) captions as --image with --seed 7 does."""
+    out = tmp_path / "out"
+    assert _sample(run_dir, picture_prompts, out) == 0
+    caption = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    capsys.readouterr()
+    assert generate.main(["--run", str(run_dir), "--image",
+                          str(picture_prompts.parent / "pics" / "a.png"), "--n", "2",
+                          "--max-new-tokens", "4", "--seed", "7"]) == 0
+    assert capsys.readouterr().out.splitlines() == caption["texts"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "images": "x.png"}', 'prompts.jsonl:2: expected an object'),
+    ('not json', 'prompts.jsonl:2: not a JSON object'),
+    ('{"prompt": ""}', 'prompts.jsonl:2: "prompt" must be non-empty'),
+    ('{"image": "missing.png"}', 'prompts.jsonl:2: image file'),
+    ('{"image": 3}', 'prompts.jsonl:2: "image" must be a file name'),
+])
+def test_bad_jsonl_lines_fail_with_their_line(run_dir, tmp_path, capsys, line, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a red circle"}\n' + line + "\n")
+    assert generate.main(["--run", str(run_dir), "--prompts", str(path),
+                          "--out-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()   # nothing sampled, nothing written
