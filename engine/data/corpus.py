@@ -25,6 +25,8 @@ RNG draws included.
 """
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -79,30 +81,84 @@ class EncodedCorpus:
         return cls(captions, t["codes"].long())
 
 
-def encode_corpus(dataset, text_tok, vq, batch: int = 128, progress: bool = True) -> EncodedCorpus:
+# With a parts folder, encode_corpus writes what it has encoded at least this often, so a
+# crash loses at most this much of a long encoding (hours for millions of images).
+PART_EVERY_S = 600.0
+
+
+def encode_corpus(dataset, text_tok, vq, batch: int = 128, progress: bool = True,
+                  parts: Path | None = None) -> EncodedCorpus:
     """Captions through the BPE, images through the VQ-VAE encoder, `batch` items at a time.
 
-    The encoder codes each image on its own, so `batch` changes the speed, never the codes."""
+    The encoder codes each image on its own, so `batch` changes the speed, never the codes.
+    That is what makes `parts` safe: given a folder, the items encoded so far are written
+    there as numbered parts every PART_EVERY_S seconds and when anything (Ctrl-C included)
+    stops the loop, and a later call with the same folder starts after the last part, ending
+    with the corpus an uninterrupted call makes."""
     from engine.tokenizer.vqvae import images_to_tensor
-    captions, codes = [], []
-    bar = tqdm(range(0, len(dataset), batch), desc="encode corpus", disable=not progress,
-               unit="batch")
-    with torch.no_grad():
-        for start in bar:
-            items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
-            captions += [text_tok.encode(x.caption) for x in items]
-            codes.append(vq.encode(images_to_tensor([x.image for x in items])).cpu())
-    return EncodedCorpus(captions, torch.cat(codes))
+    done = _load_parts(parts, len(dataset)) if parts is not None else []
+    captions = [c for part in done for c in part.captions]
+    codes = [part.codes for part in done]
+    start = len(captions)
+    pending = start            # first item not yet in a part
+    saved_at = time.time()
+
+    def save_part():
+        nonlocal pending, saved_at
+        if parts is not None and len(captions) > pending:
+            parts.mkdir(parents=True, exist_ok=True)
+            EncodedCorpus(captions[pending:], torch.cat(codes)[pending:]).save(
+                parts / f"{pending:012d}.safetensors")
+            pending, saved_at = len(captions), time.time()
+
+    bar = tqdm(total=len(dataset), initial=start, desc="encode corpus", disable=not progress,
+               unit="item")
+    try:
+        with torch.no_grad():
+            for first in range(start, len(dataset), batch):
+                items = [dataset[i] for i in range(first, min(first + batch, len(dataset)))]
+                captions += [text_tok.encode(x.caption) for x in items]
+                codes.append(vq.encode(images_to_tensor([x.image for x in items])).cpu())
+                bar.update(len(items))
+                if time.time() - saved_at >= PART_EVERY_S:
+                    save_part()
+    except BaseException:
+        save_part()   # whatever stopped it, the finished batches are kept
+        raise
+    finally:
+        bar.close()
+    return EncodedCorpus(captions, torch.cat(codes) if codes else torch.zeros(0, 0, dtype=torch.long))
+
+
+def _load_parts(parts: Path, total: int) -> list[EncodedCorpus]:
+    """The parts an interrupted encode_corpus left, in order; each starts where the one
+    before it ended."""
+    if not parts.is_dir():
+        return []
+    loaded, expected = [], 0
+    for path in sorted(parts.glob("*.safetensors")):
+        if int(path.stem) != expected:
+            raise ValueError(f"{parts}: part {path.name} should start at item {expected}; "
+                             f"delete the folder to encode the corpus from the start")
+        loaded.append(EncodedCorpus.load(path))
+        expected += len(loaded[-1])
+    if expected > total:
+        raise ValueError(f"{parts} holds {expected} items but the dataset has {total}: it is "
+                         f"another corpus's; delete the folder")
+    return loaded
 
 
 def encoded_corpus(path: Path, dataset, text_tok, vq, progress: bool = True) -> EncodedCorpus:
     """`dataset` tokenised: loaded from `path` when a run already encoded it there, else
-    encoded (encode_corpus) and saved there."""
+    encoded (encode_corpus) and saved there. The encoding keeps its progress in
+    `path`.parts/ until it is whole, so a run stopped or crashed mid-way continues it."""
     if path.is_file():
         return EncodedCorpus.load(path)
-    corpus = encode_corpus(dataset, text_tok, vq, progress=progress)
+    parts = path.with_name(path.name + ".parts")
+    corpus = encode_corpus(dataset, text_tok, vq, progress=progress, parts=parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     corpus.save(path)
+    shutil.rmtree(parts, ignore_errors=True)
     return corpus
 
 
