@@ -13,6 +13,7 @@ from engine.config import EngineConfig
 from engine.data.corpus import document_stream, encoded_corpus, load_dataset
 from engine.distributed import DataParallel
 from engine.run_artifacts import RunDir, build_classifier, build_text_tokenizer, build_vqvae
+from engine.stop_request import StopRequests
 from engine.tokenizer.vocab import Vocab
 
 log = logging.getLogger("engine.train")
@@ -66,7 +67,8 @@ def run_pipeline(cfg: EngineConfig, out: Path, device: str | None = None, resume
     timings["classifier_s"] = time.time() - t
 
     t = _stage("tokenised corpus")
-    corpus = encoded_corpus(run.corpus, train_set, text, vq, progress=progress)
+    with StopRequests() as stop:   # Ctrl-C / SIGTERM: keep what is encoded, then stop
+        corpus = encoded_corpus(run.corpus, train_set, text, vq, progress=progress, stop=stop)
     timings["corpus_s"] = time.time() - t
 
     neighbours = None

@@ -87,14 +87,15 @@ PART_EVERY_S = 600.0
 
 
 def encode_corpus(dataset, text_tok, vq, batch: int = 128, progress: bool = True,
-                  parts: Path | None = None) -> EncodedCorpus:
+                  parts: Path | None = None, stop=None) -> EncodedCorpus:
     """Captions through the BPE, images through the VQ-VAE encoder, `batch` items at a time.
 
     The encoder codes each image on its own, so `batch` changes the speed, never the codes.
     That is what makes `parts` safe: given a folder, the items encoded so far are written
-    there as numbered parts every PART_EVERY_S seconds and when anything (Ctrl-C included)
-    stops the loop, and a later call with the same folder starts after the last part, ending
-    with the corpus an uninterrupted call makes."""
+    there as numbered parts every PART_EVERY_S seconds and when anything stops the loop, and a
+    later call with the same folder starts after the last part, ending with the corpus an
+    uninterrupted call makes. `stop` (an engine.stop_request.StopRequests) turns Ctrl-C and
+    SIGTERM into a stop after the batch in hand: its part is saved, then TrainingStopped."""
     from engine.tokenizer.vqvae import images_to_tensor
     done = _load_parts(parts, len(dataset)) if parts is not None else []
     captions = [c for part in done for c in part.captions]
@@ -120,6 +121,11 @@ def encode_corpus(dataset, text_tok, vq, batch: int = 128, progress: bool = True
                 captions += [text_tok.encode(x.caption) for x in items]
                 codes.append(vq.encode(images_to_tensor([x.image for x in items])).cpu())
                 bar.update(len(items))
+                if stop is not None and stop.reason is not None:
+                    from engine.stop_request import TrainingStopped
+                    save_part()
+                    raise TrainingStopped(len(captions), stop.reason, stage="corpus encoding",
+                                          unit="item")
                 if time.time() - saved_at >= PART_EVERY_S:
                     save_part()
     except BaseException:
@@ -148,14 +154,15 @@ def _load_parts(parts: Path, total: int) -> list[EncodedCorpus]:
     return loaded
 
 
-def encoded_corpus(path: Path, dataset, text_tok, vq, progress: bool = True) -> EncodedCorpus:
+def encoded_corpus(path: Path, dataset, text_tok, vq, progress: bool = True,
+                   stop=None) -> EncodedCorpus:
     """`dataset` tokenised: loaded from `path` when a run already encoded it there, else
     encoded (encode_corpus) and saved there. The encoding keeps its progress in
     `path`.parts/ until it is whole, so a run stopped or crashed mid-way continues it."""
     if path.is_file():
         return EncodedCorpus.load(path)
     parts = path.with_name(path.name + ".parts")
-    corpus = encode_corpus(dataset, text_tok, vq, progress=progress, parts=parts)
+    corpus = encode_corpus(dataset, text_tok, vq, progress=progress, parts=parts, stop=stop)
     path.parent.mkdir(parents=True, exist_ok=True)
     corpus.save(path)
     shutil.rmtree(parts, ignore_errors=True)

@@ -89,3 +89,28 @@ def test_foreign_parts_are_refused(dataset, tmp_path):
         parts / "000000000000.safetensors")
     with pytest.raises(ValueError, match="another corpus"):
         corpus_mod.encode_corpus(dataset, Words(), PixelCodes(), parts=parts, progress=False)
+
+
+def test_a_stop_request_ends_the_batch_saves_it_and_says_so(dataset, tmp_path):
+    """Ctrl-C / SIGTERM under StopRequests: the batch in hand finishes and is saved, then
+    TrainingStopped names the stage and how many items are kept."""
+    from engine.stop_request import TrainingStopped
+
+    class StopAfterFirstBatch:
+        def __init__(self):
+            self.calls = 0
+
+        @property
+        def reason(self):
+            self.calls += 1
+            return "SIGTERM" if self.calls >= 2 else None
+
+    path = tmp_path / "corpus.safetensors"
+    with pytest.raises(TrainingStopped, match="corpus encoding item 256") as stopped:
+        encoded_corpus(path, dataset, Words(), PixelCodes(), progress=False,
+                       stop=StopAfterFirstBatch())
+    assert stopped.value.exit_code == 143
+    assert len(EncodedCorpus.load(tmp_path / "corpus.safetensors.parts" /
+                                  "000000000000.safetensors")) == 256
+    whole = corpus_mod.encode_corpus(dataset, Words(), PixelCodes(), progress=False)
+    _same(encoded_corpus(path, dataset, Words(), PixelCodes(), progress=False), whole)
