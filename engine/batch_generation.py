@@ -6,14 +6,15 @@ FILE holds one prompt a line (blank lines and lines starting with "#" are skippe
 ending in .jsonl holds one JSON object a line instead, {"prompt": ..., "image": ...}, either
 key optional: "image" names a picture (relative paths from FILE's folder) for captioning
 ({"image"} alone), questions (a prompt ending in "?") and edits (any other prompt), the
-outputs inferred as for --image. Prompt i
-(its line number among the prompts, from 0) is sampled with seed --seed + i from a generator of
-its own, so its samples do not depend on --batch-size or on the other lines. DIR receives
-IIIII_S.png for sample S of prompt I (five digits) at the model's own resolution (no
+outputs inferred as for --image.
+
+Prompt i (its line number among the prompts, from 0) is sampled with seed --seed + i from a
+generator of its own, so its samples do not depend on --batch-size or on the other lines. DIR
+receives IIIII_S.png for sample S of prompt I (five digits) at the model's own resolution (no
 upscaling: what metrics expect) and results.jsonl, one line per prompt as its batch
-finishes: {"index", "prompt", "image", "images" (file names), "texts"}. Run again with the same arguments and the prompts already in
-results.jsonl are skipped, so an interrupted job continues where it stopped, with the samples
-an uninterrupted one would have drawn.
+finishes: {"index", "prompt", "image", "images" (file names), "texts"}. Run again with the
+same arguments and the prompts already in results.jsonl are skipped, so an interrupted job
+continues where it stopped, with the samples an uninterrupted one would have drawn.
 """
 from __future__ import annotations
 

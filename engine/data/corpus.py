@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from engine.config import DataConfig, ImageConfig, TrainConfig
 from engine.data.cm3 import cm3_transform, drop_condition, join_segments
+from engine.stop_request import TrainingStopped
 from engine.tokenizer.vocab import Vocab
 
 
@@ -122,7 +123,6 @@ def encode_corpus(dataset, text_tok, vq, batch: int = 128, progress: bool = True
                 codes.append(vq.encode(images_to_tensor([x.image for x in items])).cpu())
                 bar.update(len(items))
                 if stop is not None and stop.reason is not None:
-                    from engine.stop_request import TrainingStopped
                     save_part()
                     raise TrainingStopped(len(captions), stop.reason, stage="corpus encoding",
                                           unit="item")
@@ -133,7 +133,7 @@ def encode_corpus(dataset, text_tok, vq, batch: int = 128, progress: bool = True
         raise
     finally:
         bar.close()
-    return EncodedCorpus(captions, torch.cat(codes) if codes else torch.zeros(0, 0, dtype=torch.long))
+    return EncodedCorpus(captions, torch.cat(codes))
 
 
 def _load_parts(parts: Path, total: int) -> list[EncodedCorpus]:
