@@ -3,8 +3,8 @@
 Ctrl-C (SIGINT) or SIGTERM (what a job scheduler sends before it preempts) asks the training
 loop to stop at the end of the step it is in: the loop writes a checkpoint there and raises
 TrainingStopped, and `--resume` continues from that step. The VQ-VAE tokenizer's training loop
-(engine/tokenizer/vq_train.py) and the corpus encoding (engine/data/corpus.py) stop the same
-way. Stopping between steps, rather than
+(engine/tokenizer/vq_train.py), the corpus encoding (engine/data/corpus.py) and the retrieval
+dual encoder's training (engine/retrieval/encoder_training.py) stop the same way. Stopping between steps, rather than
 where the signal lands, never saves a half-applied optimizer update. A second signal
 interrupts at once, as Python's default Ctrl-C does.
 """
@@ -20,7 +20,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class TrainingStopped(Exception):
     """A loop stopped on request after `step` steps (or items: `unit`); a checkpoint holds
     them. `stage` names the loop when it is not the model's (the VQ-VAE's, the corpus
-    encoding's)."""
+    encoding's, the dual encoder's)."""
 
     def __init__(self, step: int, signal_name: str, stage: str | None = None,
                  unit: str = "step"):

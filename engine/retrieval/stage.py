@@ -37,18 +37,28 @@ class RetrievalDir:
         self.root = Path(run_root) / "retrieval"
 
     encoder = property(lambda self: self.root / "dual_encoder.safetensors")
+    encoder_training = property(lambda self: self.root / "dual_encoder.training.pt")
     recall = property(lambda self: self.root / "recall.json")
     bank = property(lambda self: self.root / "bank")          # prefix: .faiss, _ids.npy, .json
     neighbours = property(lambda self: self.root)
 
 
 def build_encoder(rd: RetrievalDir, cfg: EngineConfig, corpus, device, progress: bool) -> DualEncoder:
+    """Loaded when the run has it, else trained. Ctrl-C / SIGTERM stops the training after a
+    step with its state saved, and the next build (--resume) continues from there, as does one
+    after a crash (state saved every few minutes)."""
+    from engine.stop_request import StopRequests, TrainingStopped
     if rd.encoder.is_file():
         return DualEncoder.load(rd.encoder, device=device)
-    enc = train_dual_encoder(corpus.captions, corpus.codes, cfg.vocab.text_size, cfg.vocab.image_codes,
-                             cfg.image.grid, cfg.retrieval, seed=cfg.train.seed, device=device,
-                             progress=progress)
+    with StopRequests() as stop:
+        enc = train_dual_encoder(corpus.captions, corpus.codes, cfg.vocab.text_size,
+                                 cfg.vocab.image_codes, cfg.image.grid, cfg.retrieval,
+                                 seed=cfg.train.seed, device=device, progress=progress,
+                                 state_path=rd.encoder_training, stop=stop)
     enc.save(rd.encoder)
+    rd.encoder_training.unlink(missing_ok=True)   # only once the encoder itself is on disk
+    if stop.reason is not None:   # asked for during the last step: the encoder is kept, then stop
+        raise TrainingStopped(cfg.retrieval.encoder_steps, stop.reason, stage="dual encoder")
     return enc
 
 
