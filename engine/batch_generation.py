@@ -70,12 +70,6 @@ def _json_line(path: Path, number: int, line: str) -> PromptLine:
     return PromptLine(text.strip() if text is not None else None, image)
 
 
-def engine_prompt(line: PromptLine) -> list:
-    from engine.inference.prompts import load_image
-    return ([load_image(line.image)] if line.image is not None else []) + \
-        ([line.text] if line.text is not None else [])
-
-
 def done_indices(results: Path) -> set[int]:
     if not results.is_file():
         return set()
@@ -87,7 +81,7 @@ def generate_from_file(engine, prompts: list[PromptLine], bases: dict, output: s
     """Samples every prompt not yet in out_dir/results.jsonl; returns how many it sampled.
     `bases`: output modality ("image", "text") -> the SamplingParams its prompts start from
     (their seed: the first prompt's)."""
-    from engine.generate import output_modality
+    from engine.generate import build_prompt, output_modality
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
     todo = [i for i in range(len(prompts)) if i not in done_indices(results)]
@@ -102,7 +96,7 @@ def generate_from_file(engine, prompts: list[PromptLine], bases: dict, output: s
                     output=output, prompt=prompts[i].text, image=prompts[i].image))]
                 settings.append(dataclasses.replace(base, seed=base.seed + i))
             # Pictures are read a batch at a time, so a long job never holds them all.
-            batch = [engine_prompt(prompts[i]) for i in chunk]
+            batch = [build_prompt(prompts[i].text, prompts[i].image) for i in chunk]
             for i, result in zip(chunk, engine.generate(batch, settings)):
                 images = []
                 for s, smp in enumerate(result.samples):

@@ -150,13 +150,14 @@ def save_images(images, labels: list[str], path: Path) -> None:
     tmp.replace(path)
 
 
-def build_prompt(args) -> list:
+def build_prompt(text: str | None, image: Path | None) -> list:
+    """The engine's prompt: the picture (read from its file) first, then the text."""
     from engine.inference.prompts import load_image
     items: list = []
-    if args.image is not None:
-        items.append(load_image(args.image))
-    if args.prompt is not None:
-        items.append(args.prompt)
+    if image is not None:
+        items.append(load_image(image))
+    if text is not None:
+        items.append(text)
     return items
 
 
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
             return 0
         modality = output_modality(args)
         params = settings(modality)
-        [result] = engine.generate([build_prompt(args)], params)
+        [result] = engine.generate([build_prompt(args.prompt, args.image)], params)
         what = args.prompt if args.prompt is not None else str(args.image)
         if modality == "image":
             images = [smp.images[0] for smp in result.samples]

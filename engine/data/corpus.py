@@ -83,7 +83,7 @@ class EncodedCorpus:
 
 
 # With a parts folder, encode_corpus writes what it has encoded at least this often, so a
-# crash loses at most this much of a long encoding (hours for millions of images).
+# crash loses at most this much of a long encoding.
 PART_EVERY_S = 600.0
 
 
@@ -102,16 +102,16 @@ def encode_corpus(dataset, text_tok, vq, batch: int = 128, progress: bool = True
     captions = [c for part in done for c in part.captions]
     codes = [part.codes for part in done]
     start = len(captions)
-    pending = start            # first item not yet in a part
+    pending, pending_batches = start, len(codes)   # the first item and batch not in a part
     saved_at = time.time()
 
     def save_part():
-        nonlocal pending, saved_at
+        nonlocal pending, pending_batches, saved_at
         if parts is not None and len(captions) > pending:
             parts.mkdir(parents=True, exist_ok=True)
-            EncodedCorpus(captions[pending:], torch.cat(codes)[pending:]).save(
+            EncodedCorpus(captions[pending:], torch.cat(codes[pending_batches:])).save(
                 parts / f"{pending:012d}.safetensors")
-            pending, saved_at = len(captions), time.time()
+            pending, pending_batches, saved_at = len(captions), len(codes), time.time()
 
     bar = tqdm(total=len(dataset), initial=start, desc="encode corpus", disable=not progress,
                unit="item")

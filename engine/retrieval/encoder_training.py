@@ -27,6 +27,7 @@ from engine.retrieval.dual_encoder import DualEncoder
 from engine.retrieval.query import drop_caption, drop_codes
 from engine.retrieval.selection import caption_keys
 from engine.stop_request import TrainingStopped
+from engine.training_state import load_state, save_state
 
 log = logging.getLogger("engine.retrieval")
 SAVE_EVERY_S = 600.0   # a crash loses at most this much of the encoder's training
@@ -49,24 +50,13 @@ def _identity(n: int, seed: int, cfg: RetrievalConfig) -> dict:
 
 
 def _save_state(path: Path, step: int, enc, opt, rng: np.random.Generator, identity: dict):
-    tmp = path.with_name(path.name + ".tmp")   # renamed: a crash mid-save keeps the old one
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"identity": identity, "step": step,
-                "model": {k: v.detach().cpu() for k, v in enc.state_dict().items()},
-                "optimizer": opt.state_dict(), "rng": rng.bit_generator.state}, tmp)
-    tmp.replace(path)
+    save_state(path, identity, step=step,
+               model={k: v.detach().cpu() for k, v in enc.state_dict().items()},
+               optimizer=opt.state_dict(), rng=rng.bit_generator.state)
 
 
 def _load_state(path: Path, enc, opt, rng: np.random.Generator, identity: dict) -> int:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable dual-encoder training state ({e}); delete "
-                         "it to train the encoder from the start") from None
-    if blob.get("identity") != identity:
-        raise ValueError(f"{path} was saved by a dual-encoder training with other settings "
-                         f"({blob.get('identity')}, this run: {identity}); delete it to train "
-                         "the encoder from the start")
+    blob = load_state(path, identity, "dual-encoder", "train the encoder from the start")
     enc.load_state_dict(blob["model"])
     opt.load_state_dict(blob["optimizer"])
     rng.bit_generator.state = blob["rng"]

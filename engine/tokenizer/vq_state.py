@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from engine import training_state
+
 
 @dataclass
 class VQTrainingState:
@@ -33,38 +35,21 @@ def _identity(steps: int, seed: int, codebook_size: int, image_cfg) -> dict:
 
 def save_state(path: Path, state: VQTrainingState, model, opt, gen: torch.Generator,
                steps: int, seed: int, image_cfg) -> None:
-    """Written to a temporary name and renamed: a crash while saving keeps the old state."""
-    path = Path(path)
-    blob = {
-        "identity": _identity(steps, seed, model.codebook_size, image_cfg),
-        "step": state.step, "usage": state.usage, "seconds": state.seconds,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": opt.state_dict(),
-        "generator": gen.get_state(),
-        "last_hit": state.last_hit.cpu(),
-        "recent_latents": [t.detach().cpu() for t in state.recent_latents],
-        "recent_err": [t.detach().cpu() for t in state.recent_err],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
+    training_state.save_state(
+        path, _identity(steps, seed, model.codebook_size, image_cfg),
+        step=state.step, usage=state.usage, seconds=state.seconds,
+        model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        optimizer=opt.state_dict(), generator=gen.get_state(), last_hit=state.last_hit.cpu(),
+        recent_latents=[t.detach().cpu() for t in state.recent_latents],
+        recent_err=[t.detach().cpu() for t in state.recent_err])
 
 
 def load_state(path: Path, model, opt, gen: torch.Generator, steps: int, seed: int,
                image_cfg) -> VQTrainingState:
     """Restores model, optimizer and generator in place; returns the loop's own state."""
     device = next(model.parameters()).device
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which, and how to start over
-        raise ValueError(f"{path} is not a readable VQ-VAE training state ({e}); delete it to "
-                         "train the tokenizer from the start") from None
-    expected = _identity(steps, seed, model.codebook_size, image_cfg)
-    if blob.get("identity") != expected:
-        raise ValueError(f"{path} was saved by a VQ-VAE training with other settings "
-                         f"({blob.get('identity')}, this run: {expected}); delete it to train "
-                         "the tokenizer from the start")
+    blob = training_state.load_state(path, _identity(steps, seed, model.codebook_size, image_cfg),
+                                     "VQ-VAE", "train the tokenizer from the start")
     model.load_state_dict(blob["model"])
     opt.load_state_dict(blob["optimizer"])
     gen.set_state(blob["generator"])
